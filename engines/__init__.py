@@ -1,0 +1,1 @@
+"""The editor (Mobile-Pix2Pix + TAESD + guidance embeddings), its backends and the batching worker."""

@@ -1,0 +1,77 @@
+"""EditorConfig: the data that, with the weights beside it, defines an editor (saved as editor.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EDITOR_CONFIG_NAME = "editor.json"
+# Stable Diffusion's VAE latent scaling factor; TAESD latents are already multiplied by it.
+SD_LATENT_SCALING = 0.18215
+
+
+class EditorConfig(BaseModel):
+    """How the parts of an editor fit together; the parts' own configs live in their subfolders."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: int = Field(256, ge=64, le=2048, description="Square frame side the editor runs at (pixels).")
+    prompt_encoder: Literal["minilm", "clip"] = Field(
+        "minilm",
+        description="'minilm': the all-MiniLM-L6-v2 package (the shipped default); "
+        "'clip': text_encoder/ + tokenizer/ subfolders (real InstructPix2Pix weights).",
+    )
+    max_prompt_tokens: int = Field(16, ge=2, le=77, description="Prompt tokens fed to cross-attention (padded).")
+    guidance_embedding_dim: int | None = Field(
+        None,
+        ge=2,
+        description="Sinusoidal embedding width per guidance scale; None for a model that needs 3-pass CFG.",
+    )
+    guidance_embedding_scale: float = Field(
+        1000.0, gt=0, description="Scales s before the sinusoid, as LCM does for w."
+    )
+    student_timestep: int = Field(
+        999, ge=0, le=999, description="Timestep at which the one-step student denoises pure noise."
+    )
+    image_latent_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplier from TAESD latents (SD's scaled space) to the UNet's image-conditioning "
+        "space: 1/0.18215 for a stock InstructPix2Pix UNet, 1.0 for models trained on TAESD latents.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EditorConfig:
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.guidance_embedding_dim is not None and self.guidance_embedding_dim % 2:
+            raise ValueError(f"guidance_embedding_dim must be even, got {self.guidance_embedding_dim}")
+        return self
+
+    @property
+    def distilled(self) -> bool:
+        """True when the UNet takes (s_T, s_I) as embeddings and needs one pass a step."""
+        return self.guidance_embedding_dim is not None
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / EDITOR_CONFIG_NAME).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EditorConfig:
+        """Read editor.json; a plain diffusers InstructPix2Pix folder has none and gets its conventions."""
+        path = Path(folder) / EDITOR_CONFIG_NAME
+        if path.is_file():
+            return cls.model_validate(json.loads(path.read_text()))
+        unet_config = Path(folder) / "unet" / "config.json"
+        proj_dim = json.loads(unet_config.read_text()).get("time_cond_proj_dim") if unet_config.is_file() else None
+        return cls(
+            resolution=512,
+            prompt_encoder="clip",
+            max_prompt_tokens=77,
+            guidance_embedding_dim=proj_dim // 2 if proj_dim else None,
+            image_latent_scale=1 / SD_LATENT_SCALING,
+        )

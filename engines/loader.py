@@ -1,0 +1,67 @@
+"""Build a ready Editor from an EngineSpec: load the weights, pick the backend, fall back where one is missing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.backends.base import Backend, BackendUnavailable
+from engines.editor import Editor
+from engines.model import DEFAULT_MODEL_DIR, EditorModel
+from engines.text import CachedPromptEncoder
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["torch", "onnxruntime", "tensorrt"]
+
+
+class EngineSpec(BaseModel):
+    """Which editor to run and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Path | None = Field(None, description="Model folder; None = the shipped default.")
+    taesd: Path | None = Field(None, description="A TAESD folder to use instead of the model's own autoencoder.")
+    backend: BackendName = Field("onnxruntime", description="torch, onnxruntime or tensorrt.")
+    device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
+    resolution: int | None = Field(None, ge=64, le=2048, description="Override the model's resolution.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the backend (None = library default).")
+    max_batch: int = Field(8, ge=1, le=64, description="Most rows in one batched call (TensorRT profiles use it).")
+    cache_dir: Path | None = Field(None, description="Exported graphs and engines (default ~/.cache/streamedit).")
+
+
+def make_backend(model: EditorModel, spec: EngineSpec, resolution: int) -> Backend:
+    """The backend the spec names; TensorRT falls back to torch, with a logged reason, where it cannot run."""
+    if spec.threads and spec.device == "cpu":
+        torch.set_num_threads(spec.threads)
+    if spec.backend == "tensorrt":
+        try:
+            from engines.backends.tensorrt_backend import TensorRTBackend
+
+            return TensorRTBackend(model, resolution, max_batch=spec.max_batch, cache_dir=spec.cache_dir)
+        except (BackendUnavailable, ImportError) as exc:
+            log.warning("TensorRT backend unavailable (%s); falling back to torch", exc)
+            from engines.backends.torch_backend import TorchBackend
+
+            return TorchBackend(model, device=spec.device)
+    if spec.backend == "onnxruntime":
+        from engines.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if spec.device.startswith("cuda") else None
+        return OnnxRuntimeBackend(model, resolution, spec.cache_dir, threads=spec.threads, providers=providers)
+    from engines.backends.torch_backend import TorchBackend
+
+    return TorchBackend(model, device=spec.device)
+
+
+def load_editor(spec: EngineSpec) -> Editor:
+    """Load the model the spec names and wrap it, with its backend and prompt cache, as an Editor."""
+    model = EditorModel.from_pretrained(spec.weights or DEFAULT_MODEL_DIR, taesd=spec.taesd)
+    if spec.resolution is not None:
+        model.config = model.config.model_copy(update={"resolution": spec.resolution})
+    backend = make_backend(model, spec, model.config.resolution)
+    return Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))

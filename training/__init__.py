@@ -1,0 +1,1 @@
+"""Training recipes that produce weights the engines/ package loads."""
