@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -65,3 +66,14 @@ def load_editor(spec: EngineSpec) -> Editor:
         model.config = model.config.model_copy(update={"resolution": spec.resolution})
     backend = make_backend(model, spec, model.config.resolution)
     return Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
+
+
+PRESETS_NAME = "presets.json"
+
+
+def load_presets(folder: Path | None) -> list[dict[str, str]]:
+    """The model's one-click edits ([{"name", "prompt"}]) from presets.json beside its weights, if any."""
+    path = (folder or DEFAULT_MODEL_DIR) / PRESETS_NAME
+    if not path.is_file():
+        return []
+    return [{"name": str(p["name"]), "prompt": str(p["prompt"])} for p in json.loads(path.read_text())]

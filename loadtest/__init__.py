@@ -1,0 +1,1 @@
+"""WebRTC load generator for StreamEdit: a client of the public API only."""

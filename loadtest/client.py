@@ -1,0 +1,216 @@
+"""A StreamEdit WebRTC client over the public API: streams a clip, receives the edited track, times every frame.
+
+Frame identity across the round trip: aiortc re-bases RTP timestamps at every hop (each receiver counts
+pts from the first frame it got), so the pts a client receives is `P_k − P_j`, where P_k is the pts it
+sent for the source frame and P_j the pts of the first source frame the server sent back. The server
+reports `first_sent_pts` = P_j − P_0 (in its own timeline, P_0 = the first frame it received) and this
+client knows P_0 (the first frame its sender pulled), so P_k = received + first_sent_pts + P_0 exactly,
+unless the very first frame was lost on the way in (then every latency is off by whole frame intervals;
+on loopback we have not seen it happen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aioice.ice
+import av
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+
+VIDEO_CLOCK = 90000
+
+
+def pin_loopback_candidates() -> None:
+    """Offer only 127.0.0.1 as ICE host candidate (aioice leaves loopback out by default)."""
+
+    def loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return ["127.0.0.1"] if use_ipv4 else []
+
+    aioice.ice.get_host_addresses = loopback
+
+
+def load_clip(path: str | Path, width: int, height: int, max_frames: int = 300) -> list[np.ndarray]:
+    """Decode up to max_frames of a video file as RGB frames of the given size."""
+    frames: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+            if len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    return frames
+
+
+def synthetic_clip(width: int, height: int, frames: int = 60) -> list[np.ndarray]:
+    """A moving gradient with a bouncing square: camera-like motion without a file."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = []
+    for i in range(frames):
+        img = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, np.full_like(xx, (3 * i) % 256)], -1)
+        x = int((width - width // 4) * (0.5 + 0.5 * np.sin(i / 10)))
+        img[height // 3 : height // 3 + height // 4, x : x + width // 4] = 255
+        out.append(img.astype(np.uint8))
+    return out
+
+
+class ClipTrack(VideoStreamTrack):
+    """A camera stand-in: plays frames in a loop at `fps`, remembering when each pts was captured."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
+        super().__init__()
+        self.frames = frames
+        self.fps = fps
+        self.captured_at: dict[int, float] = {}  # pts → time.monotonic() when the frame was produced
+        self.first_pts: int | None = None
+        self._index = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._index / self.fps
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        frame = av.VideoFrame.from_ndarray(self.frames[self._index % len(self.frames)], format="rgb24")
+        pts = round(self._index * VIDEO_CLOCK / self.fps)
+        frame.pts, frame.time_base = pts, fractions.Fraction(1, VIDEO_CLOCK)
+        self.captured_at[pts] = time.monotonic()
+        if self.first_pts is None:
+            self.first_pts = pts
+        self._index += 1
+        return frame
+
+
+@dataclass
+class Received:
+    at: float  # time.monotonic() on arrival
+    pts: int  # as received (re-based by aiortc)
+
+
+@dataclass
+class EditSession:
+    """One session: the peer connection, the REST handle, and every edited frame received."""
+
+    base_url: str
+    source: ClipTrack
+    http: httpx.AsyncClient
+    keep_images: int = 1
+    session_id: str = ""
+    token: str = ""
+    edit: dict[str, Any] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+    images: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (index in received, RGB)
+    on_frame: Callable[[Received, av.VideoFrame], None] | None = None
+    pc: RTCPeerConnection | None = None
+    _reader: asyncio.Task[None] | None = None
+    _first_sent_pts: int | None = None
+
+    async def open(self, edit: dict[str, Any] | None = None) -> httpx.Response:
+        """Offer (with every candidate gathered), POST it, apply the answer; the response is returned as is."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = pc
+        pc.addTrack(self.source)
+        got_track = asyncio.get_running_loop().create_future()
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video" and not got_track.done():
+                got_track.set_result(track)
+
+        await pc.setLocalDescription(await pc.createOffer())
+        body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        if edit is not None:
+            body["edit"] = edit
+        response = await self.http.post(f"{self.base_url}/v1/sessions", json=body)
+        if response.status_code != 201:
+            await pc.close()
+            return response
+        data = response.json()
+        self.session_id, self.token, self.edit = data["session_id"], data["token"], data["edit"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="answer"))
+        track = await asyncio.wait_for(got_track, 10)
+        self._reader = asyncio.create_task(self._read(track))
+        return response
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            item = Received(time.monotonic(), int(frame.pts))
+            self.received.append(item)
+            if self.keep_images:
+                self.images.append((len(self.received) - 1, frame.to_ndarray(format="rgb24")))
+                del self.images[: -self.keep_images]
+            if self.on_frame is not None:
+                self.on_frame(item, frame)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def patch(self, **params: Any) -> httpx.Response:
+        return await self.http.patch(f"{self.base_url}/v1/sessions/{self.session_id}", json=params, headers=self.auth)
+
+    async def info(self) -> dict[str, Any]:
+        response = await self.http.get(f"{self.base_url}/v1/sessions/{self.session_id}")
+        response.raise_for_status()
+        return response.json()
+
+    async def calibrate(self) -> bool:
+        """Fetch the server's first_sent_pts once frames flow; True when latencies can be computed."""
+        if self._first_sent_pts is None and self.received:
+            self._first_sent_pts = (await self.info())["stats"].get("first_sent_pts")
+        return self._first_sent_pts is not None and self.source.first_pts is not None
+
+    def source_pts(self, item: Received) -> int | None:
+        """The pts this client sent for the camera frame that `item` was edited from."""
+        if self._first_sent_pts is None or self.source.first_pts is None:
+            return None
+        return item.pts + self._first_sent_pts + self.source.first_pts
+
+    def latencies(self, since: float = 0.0) -> list[float]:
+        """Capture-to-receive seconds of the distinct frames received at or after `since`."""
+        out, seen = [], set()
+        for item in self.received:
+            if item.at < since or item.pts in seen:
+                continue
+            seen.add(item.pts)
+            pts = self.source_pts(item)
+            captured = self.source.captured_at.get(pts) if pts is not None else None
+            if captured is not None:
+                out.append(item.at - captured)
+        return out
+
+    def distinct_frames(self, start: float, end: float) -> int:
+        """Edited frames with a pts not seen before, received in [start, end)."""
+        seen: set[int] = set()
+        count = 0
+        for item in self.received:
+            if item.pts not in seen:
+                seen.add(item.pts)
+                count += start <= item.at < end
+        return count
+
+    async def close(self, delete: bool = True) -> httpx.Response | None:
+        response = None
+        if delete and self.session_id:
+            response = await self.http.delete(f"{self.base_url}/v1/sessions/{self.session_id}", headers=self.auth)
+        if self._reader is not None:
+            self._reader.cancel()
+        self.source.stop()
+        if self.pc is not None:
+            await self.pc.close()
+        return response

@@ -1,0 +1,54 @@
+"""`streamedit serve`: flags (generated from Settings, over STREAMEDIT_* environment variables) → uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Settings field; list-valued fields take JSON."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "") + f" [env STREAMEDIT_{name.upper()}]"
+        args = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal:
+            parser.add_argument(flag, dest=name, choices=args, default=None, help=help_text)
+        elif "list" in str(field.annotation):
+            parser.add_argument(flag, dest=name, type=json.loads, default=None, help=help_text + " (JSON)")
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamedit serve", description="Run the StreamEdit service.")
+    add_settings_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"streamedit serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"StreamEdit on http://{settings.host}:{settings.port} (engine: {settings.backend})", flush=True)
+    # aiortc misbehaves under uvloop: use the plain asyncio loop.
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, loop="asyncio", log_level=settings.log_level
+    )
+    return 0

@@ -1,0 +1,96 @@
+"""aiortc media: fit camera frames to the editor, read only the newest, and send edited frames back."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from collections.abc import Callable
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engines.worker import FrameOutcome, PendingFrame
+
+log = logging.getLogger(__name__)
+
+
+def fit_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
+    """Scale a camera frame so its shorter side is `size` (keeping its aspect), then centre-crop a square.
+
+    Cameras change their send resolution under load; this keeps what the editor sees the same shape.
+    """
+    w, h = frame.width, frame.height
+    scale = size / min(w, h)
+    sw, sh = max(size, round(w * scale)), max(size, round(h * scale))
+    rgb = frame.to_ndarray(format="rgb24", width=sw, height=sh)
+    top, left = (sh - size) // 2, (sw - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+async def read_newest(
+    track: MediaStreamTrack, offer: Callable[[PendingFrame], None], size: int
+) -> None:
+    """Drain `track` as fast as it delivers, handing each frame on; the mailbox keeps only the newest.
+
+    aiortc's receive queue is unbounded: a consumer slower than the camera would otherwise build
+    seconds of latency. Returns when the track ends.
+    """
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if not isinstance(frame, av.VideoFrame):
+            continue
+        offer(
+            PendingFrame(
+                pixels=lambda frame=frame: fit_frame(frame, size),  # type: ignore[misc]
+                received_at=time.monotonic(),
+                meta=(frame.pts, frame.time_base),
+            )
+        )
+
+
+class EditedVideoTrack(MediaStreamTrack):
+    """The outgoing track: each recv() waits for the next edited frame and stamps it with its camera pts."""
+
+    kind = "video"
+
+    def __init__(self, on_sent: Callable[[float, int], None]) -> None:
+        super().__init__()
+        self._latest: FrameOutcome | None = None
+        self._new = asyncio.Event()
+        self._last_pts: int | None = None
+        self._on_sent = on_sent
+
+    def deliver(self, outcome: FrameOutcome) -> None:
+        """Make `outcome` the next frame to send (an unsent older one is superseded). Event-loop only."""
+        self._latest = outcome
+        self._new.set()
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._new.wait()
+        self._new.clear()
+        outcome = self._latest
+        if outcome is None or self.readyState != "live":
+            raise MediaStreamError
+        frame = av.VideoFrame.from_ndarray(outcome.frame, format="rgb24")
+        pts, time_base = outcome.pending.meta
+        if pts is None:
+            pts, time_base = int(time.monotonic() * 90000), fractions.Fraction(1, 90000)
+        # The encoder needs increasing timestamps; a reordered or repeated camera pts is nudged forward.
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1
+        self._last_pts = pts
+        frame.pts, frame.time_base = pts, time_base
+        self._on_sent(time.monotonic() - outcome.pending.received_at, pts)
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._new.set()  # wake a pending recv() so the sender sees the end

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the service, in a registry of its own (one per app, no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engines.worker import BatchStats
+
+LATENCY_BUCKETS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+ENGINE_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+
+class ServiceMetrics:
+    """Counters, gauges and histograms; safe to update from the engine thread and the event loop."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_sessions = Gauge("streamedit_active_sessions", "Open sessions.", registry=r)
+        self.rejected = Counter(
+            "streamedit_sessions_rejected", "Sessions refused because the server was full.", registry=r
+        )
+        self.frames_in = Counter("streamedit_frames_in", "Camera frames received.", ["session"], registry=r)
+        self.edited = Counter(
+            "streamedit_frames_edited", "Frames edited and queued for sending.", ["session"], registry=r
+        )
+        self.dropped = Counter(
+            "streamedit_frames_dropped", "Camera frames superseded before editing.", ["session"], registry=r
+        )
+        self.skipped = Counter(
+            "streamedit_frames_skipped", "Frames answered by the similarity skip.", ["session"], registry=r
+        )
+        self.failed = Counter(
+            "streamedit_frames_failed", "Frames the engine raised on (sent unedited).", ["session"], registry=r
+        )
+        self.session_fps = Gauge("streamedit_session_edited_fps", "Edited frames per second.", ["session"], registry=r)
+        self.total_fps = Gauge("streamedit_edited_fps", "Edited frames per second, all sessions.", registry=r)
+        self.latency = Histogram(
+            "streamedit_capture_to_send_seconds",
+            "Camera frame arrival to edited frame send.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "streamedit_batch_size", "Frames per engine call.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.engine_seconds = Histogram(
+            "streamedit_engine_batch_seconds", "Engine time per batched call.", buckets=ENGINE_BUCKETS, registry=r
+        )
+        self._labelled = (self.frames_in, self.edited, self.dropped, self.skipped, self.failed, self.session_fps)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        if stats.size:
+            self.batch_size.observe(stats.size)
+            self.engine_seconds.observe(stats.seconds)
+
+    def forget_session(self, session_id: str) -> None:
+        for metric in self._labelled:
+            try:
+                metric.remove(session_id)
+            except KeyError:
+                pass
+
+    def render(self, fps_by_session: Iterable[tuple[str, float]]) -> bytes:
+        """The exposition text, with the FPS gauges brought up to date first."""
+        total = 0.0
+        for session_id, fps in fps_by_session:
+            self.session_fps.labels(session_id).set(fps)
+            total += fps
+        self.total_fps.set(total)
+        return generate_latest(self.registry)

@@ -1,0 +1,59 @@
+"""Service settings, from environment variables (STREAMEDIT_*) and command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
+
+
+class IceServer(BaseModel):
+    """A STUN or TURN server handed to aiortc (and to browsers) for NAT traversal."""
+
+    urls: list[str] | str
+    username: str | None = None
+    credential: str | None = None
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; each field is also a flag of `streamedit serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMEDIT_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    resolution: int | None = Field(None, ge=64, le=2048, description="Editor resolution (default: the model's).")
+    max_sessions: int = Field(4, ge=1, le=1024, description="Sessions beyond this get 503 with Retry-After.")
+    max_batch: int = Field(4, ge=1, le=64, description="Most frames (one per session) in one engine call.")
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = Field("onnxruntime", description="Engine backend.")
+    device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
+    weights: Path | None = Field(None, description="Model folder (default: the shipped default editor).")
+    taesd: Path | None = Field(None, description="TAESD folder overriding the model's own autoencoder.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the engine (default: all cores).")
+    cache_dir: Path | None = Field(None, description="Where exported graphs / TensorRT engines are cached.")
+    ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        description="STUN/TURN servers as JSON. Empty by default: aiortc would otherwise use a public STUN server.",
+    )
+    ice_host_addresses: list[str] | None = Field(
+        None,
+        description="Local addresses offered as ICE host candidates. Default: 127.0.0.1 when bound to a "
+        "loopback address (aioice leaves loopback out on its own), else every non-loopback interface. "
+        "A deployment behind NAT pins its public address here.",
+    )
+    connect_timeout_s: float = Field(15.0, gt=0, description="Reap a session whose peer never connects by then.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with a 503 when full.")
+    static_dir: Path = Field(CLIENT_WEB_DIR, description="The web page served at /.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    def host_addresses(self) -> list[str] | None:
+        """The addresses to pin as ICE host candidates, or None for aioice's own choice."""
+        if self.ice_host_addresses is not None:
+            return self.ice_host_addresses
+        if self.host.startswith("127.") or self.host in ("localhost", "::1"):
+            return ["127.0.0.1"]
+        return None

@@ -1,0 +1,79 @@
+"""SessionStats: one session's frame counters, edited-FPS window and capture-to-send latency percentiles."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+FPS_WINDOW_S = 2.0
+LATENCY_SAMPLES = 300
+
+
+class SessionStats:
+    """Counters updated on the event loop as frames arrive, are edited and are sent."""
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.frames_edited = 0
+        self.dropped = 0  # camera frames replaced by a newer one before the engine took them
+        self.skipped = 0  # frames the similarity filter answered with the previous output
+        self.errors = 0  # frames the engine raised on (sent unedited)
+        self.last_batch_size = 0
+        # pts of the first frame sent back, in the receiver's timeline (pts counted from the first camera
+        # frame received): with it a client can tell which of its frames each edited frame came from,
+        # since aiortc re-bases RTP timestamps at every hop.
+        self.first_sent_pts: int | None = None
+        self._edited_at: deque[float] = deque()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+
+    def frame_received(self, replaced_pending: bool) -> None:
+        self.frames_in += 1
+        if replaced_pending:
+            self.dropped += 1
+
+    def frame_done(self, batch_size: int, skipped: bool, failed: bool) -> None:
+        self.last_batch_size = batch_size
+        if failed:
+            self.errors += 1
+            return
+        self.frames_edited += 1
+        self.skipped += int(skipped)
+        now = time.monotonic()
+        self._edited_at.append(now)
+        self._trim(now)
+
+    def frame_sent(self, latency_s: float, pts: int) -> None:
+        self._latencies.append(latency_s)
+        if self.first_sent_pts is None:
+            self.first_sent_pts = pts
+
+    def _trim(self, now: float) -> None:
+        while self._edited_at and self._edited_at[0] < now - FPS_WINDOW_S:
+            self._edited_at.popleft()
+
+    def edited_fps(self) -> float:
+        """Edited frames per second over the last FPS_WINDOW_S seconds."""
+        self._trim(time.monotonic())
+        return len(self._edited_at) / FPS_WINDOW_S
+
+    def latency_ms(self, q: float) -> float | None:
+        """A percentile (0–100) of the recent capture-to-send latencies, in milliseconds."""
+        if not self._latencies:
+            return None
+        return float(np.percentile(np.fromiter(self._latencies, float), q) * 1000.0)
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        return {
+            "frames_in": self.frames_in,
+            "frames_edited": self.frames_edited,
+            "dropped": self.dropped,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "edited_fps": round(self.edited_fps(), 2),
+            "latency_ms_p50": self.latency_ms(50),
+            "latency_ms_p95": self.latency_ms(95),
+            "last_batch_size": self.last_batch_size,
+            "first_sent_pts": self.first_sent_pts,
+        }

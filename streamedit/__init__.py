@@ -1,0 +1,1 @@
+"""The `streamedit` command: one entry point for serve, build-engine and loadtest."""
