@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
     """Embed scalars (B,) as (B, dim) [sin | cos] features, as LCM embeds its guidance scale w."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=values.device) / max(half - 1, 1)
-    )
-    args = values.float()[:, None] * scale * freqs[None, :]
+    # The same operations in the same order as diffusers' LCM get_guidance_scale_embedding (bit-identical).
+    exponent = torch.log(torch.tensor(10000.0)) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -exponent).to(values.device)
+    args = (values.float() * scale)[:, None] * freqs[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 

@@ -30,26 +30,67 @@ class ModelFolderError(ValueError):
     """A model folder is missing a part, or a part does not fit the others."""
 
 
+#: The weight files diffusers' from_pretrained reads from a part's folder (plain or sharded).
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
+TRANSFORMERS_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def require_part(path: Path, what: str, weight_names: tuple[str, ...]) -> None:
+    """Raise ModelFolderError unless `path` holds a config.json and one of `weight_names`."""
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"{what}: {path / 'config.json'} is missing")
+    if not any((path / name).is_file() for name in weight_names):
+        raise ModelFolderError(f"{what}: no weights in {path} (expected one of {', '.join(weight_names)})")
+
+
+def _require_tokenizer(path: Path) -> None:
+    has_bpe = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    if not has_bpe and not (path / "tokenizer.json").is_file():
+        raise ModelFolderError(f"CLIP tokenizer: {path} needs vocab.json + merges.txt, or tokenizer.json")
+
+
 def load_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
     if config.prompt_encoder == "minilm":
         return MiniLMPromptEncoder(tokens=config.max_prompt_tokens)
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise ModelFolderError(f"{folder} needs text_encoder/ and tokenizer/ for its CLIP prompt encoder")
-    return CLIPPromptEncoder(folder, tokens=config.max_prompt_tokens)
+    require_part(folder / "text_encoder", "CLIP text encoder", TRANSFORMERS_WEIGHT_NAMES)
+    _require_tokenizer(folder / "tokenizer")
+    try:
+        return CLIPPromptEncoder(folder, tokens=config.max_prompt_tokens)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"could not load the CLIP prompt encoder from {folder}: {exc}") from exc
+
+
+def codec_folder(folder: Path, taesd: str | Path | None) -> Path:
+    """Where the autoencoder is: `taesd`, else folder/taesd/, else folder/vae/; ModelFolderError if none."""
+    candidates = [Path(taesd)] if taesd is not None else [folder / TAESD_FOLDER, folder / VAE_FOLDER]
+    for path in candidates:
+        if (path / "config.json").is_file():
+            require_part(path, "autoencoder", DIFFUSERS_WEIGHT_NAMES)
+            return path
+    raise ModelFolderError(f"no autoencoder found: looked for {', '.join(str(p / 'config.json') for p in candidates)}")
 
 
 def load_codec(folder: Path, taesd: str | Path | None, dtype: torch.dtype) -> Codec:
     """TAESD from `taesd`, else folder/taesd/, else folder/vae/ (a TAESD or a full AutoencoderKL)."""
-    candidates = [Path(taesd)] if taesd is not None else [folder / TAESD_FOLDER, folder / VAE_FOLDER]
-    for path in candidates:
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            continue
-        class_name = json.loads(config_path.read_text()).get("_class_name")
+    path = codec_folder(folder, taesd)
+    class_name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderTiny")
+    try:
         if class_name == "AutoencoderKL":
-            return KLCodec(AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype).eval())
-        return TinyCodec(AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype).eval())
-    raise ModelFolderError(f"no autoencoder found: looked for {', '.join(str(p) for p in candidates)}")
+            return KLCodec(AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval())
+        if class_name == "AutoencoderTiny":
+            return TinyCodec(
+                AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
+            )
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"could not load the autoencoder from {path}: {exc}") from exc
+    raise ModelFolderError(f"{path} holds a {class_name}; expected AutoencoderTiny or AutoencoderKL")
 
 
 @dataclass
@@ -76,8 +117,18 @@ class EditorModel:
         folder = Path(folder)
         if not (folder / UNET_FOLDER / "config.json").is_file():
             raise ModelFolderError(f"{folder} is not a model folder: {folder / UNET_FOLDER / 'config.json'} is missing")
-        config = EditorConfig.load(folder)
-        unet = UNet2DConditionModel.from_pretrained(str(folder / UNET_FOLDER), torch_dtype=torch_dtype).eval()
+        require_part(folder / UNET_FOLDER, "UNet", DIFFUSERS_WEIGHT_NAMES)
+        codec_folder(folder, taesd)  # fail on a missing autoencoder before the slow loads
+        try:
+            config = EditorConfig.load(folder)
+        except ValueError as exc:
+            raise ModelFolderError(f"{folder}: invalid editor config: {exc}") from exc
+        try:
+            unet = UNet2DConditionModel.from_pretrained(
+                str(folder / UNET_FOLDER), torch_dtype=torch_dtype, local_files_only=True
+            ).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelFolderError(f"could not load the UNet from {folder / UNET_FOLDER}: {exc}") from exc
         if unet.config.in_channels != 8:
             raise ModelFolderError(
                 f"an InstructPix2Pix UNet takes 8 input channels, this one {unet.config.in_channels}"

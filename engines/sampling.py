@@ -29,7 +29,9 @@ class NoiseSchedule:
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-        return cls(scheduler.alphas_cumprod.clone().float(), prediction_type, dict(scheduler.config))
+        # Keep keys only other schedulers know (DDIM's set_alpha_to_one): the teacher sampler rebuilds DDIM from it.
+        full_config = {k: v for k, v in {**scheduler.config, **config}.items() if not k.startswith("_")}
+        return cls(scheduler.alphas_cumprod.clone().float(), prediction_type, full_config)
 
     @classmethod
     def default(cls) -> NoiseSchedule:

@@ -63,32 +63,51 @@ def default_editor_unet_config(guidance_embedding_dim: int | None = None) -> dic
     return config
 
 
-def mobile_pix2pix_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Split an SD1.5-layout state dict into the Mobile-Pix2Pix one and the list of dropped keys."""
-    kept = {k: v for k, v in state_dict.items() if not k.startswith(HIGHEST_RES_ATTENTION_PREFIXES)}
-    dropped = sorted(k for k in state_dict if k.startswith(HIGHEST_RES_ATTENTION_PREFIXES))
+def highest_res_attention_prefixes(config: dict[str, Any]) -> tuple[str, str]:
+    """State-dict prefixes of the outermost blocks' attention: down_blocks.0 and the last up block."""
+    return ("down_blocks.0.attentions.", f"up_blocks.{len(config['up_block_types']) - 1}.attentions.")
+
+
+def mobile_pix2pix_state_dict(
+    state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = HIGHEST_RES_ATTENTION_PREFIXES
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Split an SD1.5-layout state dict into the Mobile-Pix2Pix one and the list of dropped keys.
+
+    `prefixes` defaults to the SD1.5 layout's (4 levels); highest_res_attention_prefixes gives them for others.
+    """
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    dropped = sorted(k for k in state_dict if k.startswith(prefixes))
     return kept, dropped
+
+
+def unet_config(unet: UNet2DConditionModel) -> dict[str, Any]:
+    """A UNet's constructor arguments, without diffusers' bookkeeping keys.
+
+    `_use_default_values` must go: from_config drops every key it lists, which would silently undo an
+    override of an argument the original model had left at its default.
+    """
+    return {k: v for k, v in unet.config.items() if not k.startswith("_")}
 
 
 def convert_to_mobile_pix2pix(unet: UNet2DConditionModel) -> tuple[UNet2DConditionModel, list[str]]:
     """Build the Mobile-Pix2Pix twin of an SD1.5-layout UNet, copying every weight but the dropped attention."""
-    config = mobile_pix2pix_config(dict(unet.config))
+    config = mobile_pix2pix_config(unet_config(unet))
     if tuple(config["down_block_types"]) == tuple(unet.config.down_block_types) and tuple(
         config["up_block_types"]
     ) == tuple(unet.config.up_block_types):
         raise ValueError("this UNet has no attention at its highest resolution: it is already Mobile-Pix2Pix")
     mobile = UNet2DConditionModel.from_config(config)
-    kept, dropped = mobile_pix2pix_state_dict(unet.state_dict())
+    kept, dropped = mobile_pix2pix_state_dict(unet.state_dict(), highest_res_attention_prefixes(config))
     mobile.load_state_dict(kept, strict=True)
-    return mobile.to(dtype=unet.dtype), dropped
+    return mobile.to(dtype=unet.dtype).eval(), dropped
 
 
 def add_guidance_embedding(unet: UNet2DConditionModel, embedding_dim: int) -> UNet2DConditionModel:
     """A copy of a teacher UNet that also takes (s_T, s_I) embeddings; starts out equal to the teacher."""
-    config = {**dict(unet.config), "time_cond_proj_dim": 2 * embedding_dim}
+    config = {**unet_config(unet), "time_cond_proj_dim": 2 * embedding_dim}
     student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(k != "time_embedding.cond_proj.weight" for k in missing):
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
         raise ValueError(f"teacher and student layouts differ: missing={missing} unexpected={unexpected}")
     # A zero projection adds nothing to the time embedding until training moves it.
     nn.init.zeros_(student.time_embedding.cond_proj.weight)
