@@ -1,0 +1,183 @@
+"""The control plane over a real server: validation, tokens, admission, reaping, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import httpx
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from loadtest.client import ClipTrack, EditSession
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import running_server, wait_for
+
+
+def open_peer_connections() -> list[RTCPeerConnection]:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"]
+
+
+async def test_malformed_sdp_gets_400_and_leaks_no_peer_connection(editor) -> None:
+    async with running_server(editor) as srv:
+        before = len(open_peer_connections())
+        for sdp in ["this is not sdp", "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video"]:
+            response = await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": sdp, "type": "offer"})
+            assert response.status_code == 400, response.text
+            assert "SDP" in response.json()["detail"] or "offer" in response.json()["detail"]
+        assert len(srv.registry) == 0
+        assert len(open_peer_connections()) == before
+
+
+async def test_offer_without_video_gets_400_and_leaks_no_peer_connection(editor) -> None:
+    async with running_server(editor) as srv:
+        before = len(open_peer_connections())
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.createDataChannel("x")
+        await pc.setLocalDescription(await pc.createOffer())
+        response = await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": pc.localDescription.sdp})
+        await pc.close()
+        assert response.status_code == 400
+        assert "video" in response.json()["detail"]
+        assert len(srv.registry) == 0
+        assert len(open_peer_connections()) == before
+
+
+async def test_invalid_params_get_422_with_a_message(editor, clip_frames) -> None:
+    async with running_server(editor) as srv:
+        bad_posts = [
+            {"sdp": "x", "type": "offer", "edit": {"text_guidance": 99}},
+            {"sdp": "x", "type": "offer", "edit": {"prompt": ""}},
+            {"sdp": "x", "type": "offer", "edit": {"prompt": "x" * 301}},
+            {"sdp": "x", "type": "offer", "edit": {"seed": "not a number"}},
+            {"sdp": "x", "type": "offer", "edit": {"no_such_knob": 1}},
+            {"sdp": "x", "type": "answer"},
+            {"type": "offer"},
+        ]
+        for body in bad_posts:
+            response = await srv.http.post(f"{srv.url}/v1/sessions", json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert response.json()["detail"], body
+        session = await srv.open_session(clip_frames)
+        for patch in [{"image_guidance": -1}, {"latent_feedback": 2}, {"max_skipped_frames": 0}, {"prompt": 5}]:
+            response = await session.patch(**patch)
+            assert response.status_code == 422, (patch, response.text)
+        assert (await session.info())["edit"] == session.edit  # nothing changed
+
+
+async def test_tokens_protect_each_session(editor, clip_frames) -> None:
+    async with running_server(editor) as srv:
+        a = await srv.open_session(clip_frames, edit={"prompt": "make it sepia"})
+        b = await srv.open_session(clip_frames, edit={"prompt": "make it a pencil sketch"})
+        url = f"{srv.url}/v1/sessions/{a.session_id}"
+        foreign = {"Authorization": f"Bearer {b.token}"}
+        assert (await srv.http.patch(url, json={"prompt": "hacked"}, headers=foreign)).status_code == 403
+        assert (await srv.http.patch(url, json={"prompt": "hacked"})).status_code == 401
+        basic = {"Authorization": "Basic x"}
+        assert (await srv.http.patch(url, json={"prompt": "hacked"}, headers=basic)).status_code == 401
+        assert (await srv.http.delete(url, headers=foreign)).status_code == 403
+        assert (await a.info())["edit"]["prompt"] == "make it sepia"
+        assert (await b.info())["edit"]["prompt"] == "make it a pencil sketch"
+        response = await a.patch(prompt="make it look like an old photograph", seed=7)
+        assert response.status_code == 200
+        assert response.json()["edit"]["seed"] == 7
+        assert (await b.info())["edit"]["seed"] == 0
+        assert (await srv.http.get(f"{srv.url}/v1/sessions/nope")).status_code == 404
+        assert (await a.close()).status_code == 204
+        assert (await srv.http.get(url)).status_code == 404
+        assert len(srv.registry) == 1
+
+
+async def test_session_limit_answers_503_with_retry_after(editor, clip_frames) -> None:
+    async with running_server(editor, max_sessions=1, retry_after_s=3) as srv:
+        await srv.open_session(clip_frames)
+        assert (await srv.http.get(f"{srv.url}/readyz")).status_code == 503
+        extra = EditSession(srv.url, ClipTrack(clip_frames), srv.http)
+        response = await extra.open()
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "3"
+        assert "full" in response.json()["detail"]
+        metrics = (await srv.http.get(f"{srv.url}/metrics")).text
+        assert "streamedit_sessions_rejected_total 1.0" in metrics
+
+
+async def test_sessions_that_never_connect_or_whose_peer_leaves_are_reaped(editor, clip_frames) -> None:
+    async with running_server(editor, connect_timeout_s=2.0) as srv:
+        # An offer whose answer is never applied: the server's peer never connects.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTrack(ClipTrack(clip_frames))
+        await pc.setLocalDescription(await pc.createOffer())
+        response = await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": pc.localDescription.sdp})
+        assert response.status_code == 201
+        ghost = response.json()["session_id"]
+        # A session whose client closes its peer connection without DELETE.
+        leaver = await srv.open_session(clip_frames)
+        await wait_for(lambda: len(leaver.received) > 3, 20, "frames on the leaving session")
+        await leaver.pc.close()
+        await wait_for(lambda: len(srv.registry) == 0, 8, "both sessions to be reaped")
+        assert (await srv.http.get(f"{srv.url}/v1/sessions/{ghost}")).status_code == 404
+        await pc.close()
+
+
+async def test_health_readiness_and_metrics(editor, clip_frames) -> None:
+    gate = threading.Event()
+
+    class GatedEditor:  # the real editor, but loading only finishes when the test says so
+        def __getattr__(self, name: str):
+            return getattr(editor, name)
+
+        @property
+        def resolution(self) -> int:
+            return editor.resolution
+
+    def factory(settings):
+        gate.wait(20)
+        return GatedEditor()
+
+    app = create_app(Settings(), editor_factory=factory)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            loading = await http.get("/readyz")
+            assert loading.status_code == 503 and loading.json()["ready"] is False
+            offer = await http.post("/v1/sessions", json={"sdp": "x"})
+            assert offer.status_code == 503 and "Retry-After" in offer.headers
+            gate.set()
+            for _ in range(200):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            ready = (await http.get("/readyz")).json()
+            assert ready["ready"] is True and ready["capacity_left"] == 4
+
+    async with running_server(editor) as srv:
+        session = await srv.open_session(clip_frames)
+        await wait_for(lambda: len(session.received) >= 10, 20, "frames")
+        text = (await srv.http.get(f"{srv.url}/metrics")).text
+        for name in [
+            "streamedit_active_sessions 1.0",
+            f'streamedit_frames_edited_total{{session="{session.session_id}"}}',
+            f'streamedit_session_edited_fps{{session="{session.session_id}"}}',
+            "streamedit_edited_fps",
+            "streamedit_capture_to_send_seconds_bucket",
+            "streamedit_batch_size_bucket",
+            "streamedit_engine_batch_seconds_bucket",
+            "streamedit_frames_dropped_total",
+        ]:
+            assert name in text, name
+        await session.close()
+        text = (await srv.http.get(f"{srv.url}/metrics")).text
+        assert "streamedit_active_sessions 0.0" in text
+        assert session.session_id not in text
+
+
+async def test_page_and_openapi_are_served(editor) -> None:
+    async with running_server(editor) as srv:
+        page = await srv.http.get(f"{srv.url}/")
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        schema = (await srv.http.get(f"{srv.url}/openapi.json")).json()
+        edit = schema["components"]["schemas"]["EditParams"]["properties"]
+        assert edit["text_guidance"]["maximum"] == 20.0 and "description" in edit["image_guidance"]
