@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = No
     if graphs.complete():
         return graphs
     graphs.folder.mkdir(parents=True, exist_ok=True)
+    # Export on the CPU in fp32, then put the model back where its backend keeps it.
+    weight = next(model.unet.parameters())
+    device, dtype = weight.device, weight.dtype
     model.to("cpu", torch.float32)
     modules = {
         "encoder": CodecEncoder(model.codec).eval(),
@@ -79,22 +83,30 @@ def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = No
         "decoder": CodecDecoder(model.codec).eval(),
     }
     inputs = example_inputs(model, resolution)
-    for name in GRAPH_NAMES:
-        target = graphs.path(name)
-        partial = target.with_suffix(".onnx.partial")
-        log.info("exporting %s to %s", name, target)
-        dynamic = {n: {0: "batch"} for n in INPUT_NAMES[name] + OUTPUT_NAMES[name]}
-        with torch.inference_mode():
-            torch.onnx.export(
-                modules[name],
-                inputs[name],
-                str(partial),
-                input_names=INPUT_NAMES[name],
-                output_names=OUTPUT_NAMES[name],
-                dynamic_axes=dynamic,
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
-        # Rename last, so an interrupted export never leaves a graph that looks complete.
-        partial.replace(target)
+    try:
+        for name in GRAPH_NAMES:
+            target = graphs.path(name)
+            if target.is_file():
+                continue
+            # A per-process name: two processes exporting the same slot never write one file.
+            partial = target.with_name(f"{name}.{os.getpid()}.partial.onnx")
+            log.info("exporting %s to %s", name, target)
+            dynamic = {n: {0: "batch"} for n in INPUT_NAMES[name] + OUTPUT_NAMES[name]}
+            with torch.inference_mode(), warnings.catch_warnings():
+                # diffusers' shape asserts become constants in the trace; the batch axis stays dynamic.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(
+                    modules[name],
+                    inputs[name],
+                    str(partial),
+                    input_names=INPUT_NAMES[name],
+                    output_names=OUTPUT_NAMES[name],
+                    dynamic_axes=dynamic,
+                    opset_version=ONNX_OPSET,
+                    dynamo=False,
+                )
+            # Rename last, so an interrupted export never leaves a graph that looks complete.
+            partial.replace(target)
+    finally:
+        model.to(device, dtype)
     return graphs
