@@ -1,8 +1,8 @@
 """The ONNX Runtime backend against the torch backend on a tiny distilled editor, and the ONNX export cache.
 
 Stated tolerance: ORT's CPU kernels (fused convolutions, other summation orders) may differ from eager
-PyTorch fp32 by float rounding only, so every tensor must agree within atol 1e-5 + rtol 1e-4 (measured: under 1e-6), and
-edited uint8 frames within 1 level.
+PyTorch fp32 by float rounding only, so every tensor must agree within atol 1e-5 + rtol 1e-4 (measured:
+under 1e-6), and edited uint8 frames within 1 level.
 """
 
 from __future__ import annotations
