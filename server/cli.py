@@ -46,6 +46,8 @@ def serve(argv: list[str] | None = None) -> int:
     from server.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "debug":
+        logging.getLogger("aioice").setLevel(logging.WARNING)  # every ICE check at INFO drowns the service log
     print(f"StreamEdit on http://{settings.host}:{settings.port} (engine: {settings.backend})", flush=True)
     # aiortc misbehaves under uvloop: use the plain asyncio loop.
     uvicorn.run(

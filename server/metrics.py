@@ -13,6 +13,18 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 ENGINE_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
+class _FrameCounter:
+    """A frame counter kept twice: streamedit_<name>_total and streamedit_session_<name>_total{session}."""
+
+    def __init__(self, name: str, doc: str, registry: CollectorRegistry) -> None:
+        self.total = Counter(f"streamedit_{name}", doc, registry=registry)
+        self.per_session = Counter(f"streamedit_session_{name}", doc, ["session"], registry=registry)
+
+    def inc(self, session_id: str) -> None:
+        self.total.inc()
+        self.per_session.labels(session_id).inc()
+
+
 class ServiceMetrics:
     """Counters, gauges and histograms; safe to update from the engine thread and the event loop."""
 
@@ -23,19 +35,13 @@ class ServiceMetrics:
         self.rejected = Counter(
             "streamedit_sessions_rejected", "Sessions refused because the server was full.", registry=r
         )
-        self.frames_in = Counter("streamedit_frames_in", "Camera frames received.", ["session"], registry=r)
-        self.edited = Counter(
-            "streamedit_frames_edited", "Frames edited and queued for sending.", ["session"], registry=r
-        )
-        self.dropped = Counter(
-            "streamedit_frames_dropped", "Camera frames superseded before editing.", ["session"], registry=r
-        )
-        self.skipped = Counter(
-            "streamedit_frames_skipped", "Frames answered by the similarity skip.", ["session"], registry=r
-        )
-        self.failed = Counter(
-            "streamedit_frames_failed", "Frames the engine raised on (sent unedited).", ["session"], registry=r
-        )
+        # Each frame counter exists as a total and per session: the per-session series go when the
+        # session does, the totals keep counting (a scrape after a load test still sees every frame).
+        self.frames_in = _FrameCounter("frames_in", "Camera frames received.", r)
+        self.edited = _FrameCounter("frames_edited", "Frames edited and queued for sending.", r)
+        self.dropped = _FrameCounter("frames_dropped", "Camera frames superseded before editing.", r)
+        self.skipped = _FrameCounter("frames_skipped", "Frames answered by the similarity skip.", r)
+        self.failed = _FrameCounter("frames_failed", "Frames the engine raised on (sent unedited).", r)
         self.session_fps = Gauge("streamedit_session_edited_fps", "Edited frames per second.", ["session"], registry=r)
         self.total_fps = Gauge("streamedit_edited_fps", "Edited frames per second, all sessions.", registry=r)
         self.latency = Histogram(
@@ -50,7 +56,14 @@ class ServiceMetrics:
         self.engine_seconds = Histogram(
             "streamedit_engine_batch_seconds", "Engine time per batched call.", buckets=ENGINE_BUCKETS, registry=r
         )
-        self._labelled = (self.frames_in, self.edited, self.dropped, self.skipped, self.failed, self.session_fps)
+        self._labelled = (
+            self.frames_in.per_session,
+            self.edited.per_session,
+            self.dropped.per_session,
+            self.skipped.per_session,
+            self.failed.per_session,
+            self.session_fps,
+        )
 
     def observe_batch(self, stats: BatchStats) -> None:
         if stats.size:

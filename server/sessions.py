@@ -58,9 +58,9 @@ class Session:
         replaced = self.slot.offer(frame)
         self.stats.frame_received(replaced)
         metrics = self._registry.metrics
-        metrics.frames_in.labels(self.id).inc()
+        metrics.frames_in.inc(self.id)
         if replaced:
-            metrics.dropped.labels(self.id).inc()
+            metrics.dropped.inc(self.id)
 
     def _outcome_from_worker(self, outcome: FrameOutcome) -> None:
         # Called on the engine thread: hand over to the event loop, which owns the track and the stats.
@@ -73,11 +73,11 @@ class Session:
         self.stats.frame_done(outcome.batch_size, outcome.skipped, failed)
         metrics = self._registry.metrics
         if failed:
-            metrics.failed.labels(self.id).inc()
+            metrics.failed.inc(self.id)
         else:
-            metrics.edited.labels(self.id).inc()
+            metrics.edited.inc(self.id)
             if outcome.skipped:
-                metrics.skipped.labels(self.id).inc()
+                metrics.skipped.inc(self.id)
         self.output.deliver(outcome)
 
     def _sent(self, latency_s: float, pts: int) -> None:

@@ -159,7 +159,8 @@ async def test_health_readiness_and_metrics(editor, clip_frames) -> None:
         text = (await srv.http.get(f"{srv.url}/metrics")).text
         for name in [
             "streamedit_active_sessions 1.0",
-            f'streamedit_frames_edited_total{{session="{session.session_id}"}}',
+            f'streamedit_session_frames_edited_total{{session="{session.session_id}"}}',
+            "streamedit_frames_edited_total",
             f'streamedit_session_edited_fps{{session="{session.session_id}"}}',
             "streamedit_edited_fps",
             "streamedit_capture_to_send_seconds_bucket",

@@ -1,0 +1,216 @@
+"""One load-test step: N sessions against a running server, measured per session, with a metrics scrape around it."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates, synthetic_clip
+from loadtest.scrape import scrape_metrics, server_delta
+
+LOOPBACK_PREFIXES = ("http://127.", "http://localhost", "http://[::1]")
+
+
+@dataclass
+class LoadConfig:
+    """What one step runs; every session is bounded by `duration_s` and stops by itself."""
+
+    url: str = "http://127.0.0.1:8000"
+    sessions: int = 1
+    duration_s: float = 30.0
+    warmup_s: float = 5.0  # excluded from the sustained figures (connection setup, first keyframes)
+    ramp_per_s: float = 2.0  # sessions opened per second
+    fps: float = 30.0
+    width: int = 256
+    height: int = 256
+    source: str = "synthetic"  # a video file PyAV reads, or "synthetic"
+    prompts: list[str] = field(default_factory=lambda: ["make it a pencil sketch"])
+    patch_every_s: float = 0.0  # > 0: cycle through `prompts` by PATCH this often
+    processes: int = 1
+    connect_timeout_s: float = 20.0
+
+    def check(self) -> None:
+        if not self.url.startswith(LOOPBACK_PREFIXES):
+            raise ValueError(f"load tests only target loopback addresses, not {self.url}")
+        if self.sessions < 1 or self.duration_s <= self.warmup_s:
+            raise ValueError("need at least one session and a duration longer than the warm-up")
+
+
+@dataclass
+class SessionResult:
+    index: int
+    connected: bool
+    error: str | None = None
+    time_to_first_frame_s: float | None = None
+    distinct_fps: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    freezes: int = 0
+    fps_timeline: list[float] = field(default_factory=list)  # distinct frames in each 1 s after the start
+    patch_to_visible_s: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else None
+        return {
+            "index": self.index,
+            "connected": self.connected,
+            "error": self.error,
+            "time_to_first_frame_s": self.time_to_first_frame_s,
+            "distinct_fps": round(self.distinct_fps, 2),
+            "latency_ms_p50": None if lat is None else round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p95": None if lat is None else round(float(np.percentile(lat, 95)), 1),
+            "latency_ms_max": None if lat is None else round(float(lat.max()), 1),
+            "freezes": self.freezes,
+            "patch_to_visible_s": [round(x, 3) for x in self.patch_to_visible_s],
+        }
+
+
+def source_frames(config: LoadConfig) -> list[np.ndarray]:
+    if config.source == "synthetic":
+        return synthetic_clip(config.width, config.height)
+    return load_clip(config.source, config.width, config.height)
+
+
+async def run_session(
+    index: int, config: LoadConfig, frames: list[np.ndarray], http: httpx.AsyncClient, start_at: float
+) -> SessionResult:
+    """Open one session at its ramp slot, stream until the step ends, then measure and DELETE it."""
+    await asyncio.sleep(max(0.0, start_at + index / config.ramp_per_s - time.monotonic()))
+    session = EditSession(config.url, ClipTrack(frames, config.fps), http, keep_images=0)
+    opened = time.monotonic()
+    end = start_at + config.duration_s
+    result = SessionResult(index, connected=False)
+    try:
+        response = await session.open({"prompt": config.prompts[0]})
+        if response.status_code != 201:
+            result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            return result
+        while not session.received and time.monotonic() < opened + config.connect_timeout_s:
+            await asyncio.sleep(0.02)
+        if not session.received:
+            result.error = "no edited frame within the connect timeout"
+            return result
+        result.connected = True
+        result.time_to_first_frame_s = session.received[0].at - opened
+        patches: list[float] = []
+        next_patch = time.monotonic() + config.patch_every_s if config.patch_every_s > 0 else float("inf")
+        k = 0
+        while (now := time.monotonic()) < end:
+            if now >= next_patch:
+                k += 1
+                await session.patch(prompt=config.prompts[k % len(config.prompts)])
+                patches.append(time.monotonic())  # frames captured after this are edited with the new prompt
+                next_patch += config.patch_every_s
+            await asyncio.sleep(min(0.1, max(0.0, end - now)))
+        await session.calibrate()
+        measure_from = max(start_at + config.warmup_s, session.received[0].at)
+        window = end - measure_from
+        result.distinct_fps = session.distinct_frames(measure_from, end) / window if window > 0 else 0.0
+        result.latencies_ms = [x * 1000 for x in session.latencies(since=measure_from)]
+        arrivals = sorted({r.pts: r.at for r in session.received if r.at >= measure_from}.values())
+        gaps = np.diff(arrivals) if len(arrivals) > 1 else np.array([])
+        result.freezes = int(np.sum(gaps > 2.0 / config.fps))
+        first = session.received[0].at
+        seconds = int(end - first)  # whole seconds only: a partial last bin would read as a drop
+        seen: set[int] = set()
+        timeline = [0] * max(seconds, 0)
+        for r in session.received:
+            if r.pts not in seen and r.at < first + seconds:
+                seen.add(r.pts)
+                timeline[int(r.at - first)] += 1
+        result.fps_timeline = [float(x) for x in timeline]
+        result.patch_to_visible_s = patch_delays(session, patches)
+    except Exception as exc:  # a failing session is a result, not a crash of the run
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            await session.close()
+        except Exception:  # noqa: S110 - the server may already be gone
+            pass
+    return result
+
+
+def patch_delays(session: EditSession, patched_at: list[float]) -> list[float]:
+    """For each PATCH: seconds until the first received frame captured after it was applied."""
+    delays = []
+    for t in patched_at:
+        for item in session.received:
+            pts = session.source_pts(item)
+            captured = session.source.captured_at.get(pts) if pts is not None else None
+            if captured is not None and captured >= t:
+                delays.append(item.at - t)
+                break
+    return delays
+
+
+async def run_sessions(config: LoadConfig, indices: list[int], start_at_wall: float) -> list[SessionResult]:
+    pin_loopback_candidates()
+    frames = source_frames(config)
+    start_at = time.monotonic() + (start_at_wall - time.time())
+    limits = httpx.Limits(max_connections=max(10, 2 * len(indices)))
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        return list(await asyncio.gather(*(run_session(i, config, frames, http, start_at) for i in indices)))
+
+
+def _process_main(config: LoadConfig, indices: list[int], start_at_wall: float) -> list[dict[str, Any]]:
+    return [asdict(r) for r in asyncio.run(run_sessions(config, indices, start_at_wall))]
+
+
+def run_step(config: LoadConfig) -> dict[str, Any]:
+    """Run N sessions (spread over `processes` processes), scrape /metrics around them, return the report."""
+    config.check()
+    before = scrape_metrics(config.url)
+    start_at_wall = time.time() + 1.0
+    indices = list(range(config.sessions))
+    processes = max(1, min(config.processes, config.sessions))
+    if processes == 1:
+        results = [asdict(r) for r in asyncio.run(run_sessions(config, indices, start_at_wall))]
+    else:
+        shares = [indices[p::processes] for p in range(processes)]
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            parts = pool.starmap(_process_main, [(config, share, start_at_wall) for share in shares])
+        results = sorted((r for part in parts for r in part), key=lambda r: r["index"])
+    after = scrape_metrics(config.url)
+    sessions = [SessionResult(**r) for r in results]
+    return step_report(config, sessions, server_delta(before, after))
+
+
+def step_report(config: LoadConfig, sessions: list[SessionResult], server: dict[str, Any]) -> dict[str, Any]:
+    connected = [s for s in sessions if s.connected]
+    all_lat = [x for s in connected for x in s.latencies_ms]
+    fps = [s.distinct_fps for s in connected]
+    return {
+        "config": asdict(config),
+        "sessions": len(sessions),
+        "connected": len(connected),
+        "failures": len(sessions) - len(connected),
+        "distinct_fps_min": round(min(fps), 2) if fps else 0.0,
+        "distinct_fps_mean": round(float(np.mean(fps)), 2) if fps else 0.0,
+        "latency_ms_p50": round(float(np.percentile(all_lat, 50)), 1) if all_lat else None,
+        "latency_ms_p95": round(float(np.percentile(all_lat, 95)), 1) if all_lat else None,
+        "freezes": sum(s.freezes for s in connected),
+        "per_session": [s.summary() for s in sessions],
+        "fps_timelines": [s.fps_timeline for s in sessions],
+        "latencies_ms": [s.latencies_ms for s in sessions],
+        "server": server,
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write report.json, report.png and summary.txt into out_dir."""
+    import json
+
+    from loadtest.report import render_png, render_summary
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "png": out_dir / "report.png", "summary": out_dir / "summary.txt"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    render_png(report, paths["png"])
+    paths["summary"].write_text(render_summary(report))
+    return paths

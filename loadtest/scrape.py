@@ -1,0 +1,52 @@
+"""Scrape the server's Prometheus /metrics and summarise what changed during a load step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[str, float]
+
+
+def scrape_metrics(url: str) -> Samples:
+    """Totals of every counter/histogram sample at /metrics, summed over labels ({} if unreachable)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    totals: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name
+            if "le" in sample.labels:
+                key += f"{{le={sample.labels['le']}}}"
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def server_delta(before: Samples, after: Samples) -> dict[str, Any]:
+    """Engine time per batch, mean batch size, edited/dropped/skipped/failed frames during the step."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    if not after:
+        return {"available": False}
+    batches = delta("streamedit_engine_batch_seconds_count")
+    rows = delta("streamedit_batch_size_sum")
+    return {
+        "available": True,
+        "batches": int(batches),
+        "engine_ms_per_batch": round(1000 * delta("streamedit_engine_batch_seconds_sum") / batches, 2)
+        if batches
+        else None,
+        "mean_batch_size": round(rows / batches, 2) if batches else None,
+        "frames_in": int(delta("streamedit_frames_in_total")),
+        "frames_edited": int(delta("streamedit_frames_edited_total")),
+        "frames_dropped": int(delta("streamedit_frames_dropped_total")),
+        "frames_skipped": int(delta("streamedit_frames_skipped_total")),
+        "frames_failed": int(delta("streamedit_frames_failed_total")),
+        "sessions_rejected": int(delta("streamedit_sessions_rejected_total")),
+    }

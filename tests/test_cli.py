@@ -1,0 +1,32 @@
+"""The `streamedit` command and `python -m server`: help works, bad settings get a message, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_serve_help_lists_every_setting() -> None:
+    result = run("-m", "streamedit.cli", "serve", "--help")
+    assert result.returncode == 0
+    for flag in ["--port", "--max-sessions", "--max-batch", "--backend", "--weights", "--ice-servers",
+                 "--ice-host-addresses", "--resolution"]:  # fmt: skip
+        assert flag in result.stdout
+
+
+def test_bad_settings_are_reported_cleanly() -> None:
+    for args in (["--port", "99999"], ["--max-sessions", "lots"], ["--ice-servers", "[{\"urls\": 5}]"]):
+        result = run("-m", "server", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "invalid settings" in result.stderr and "Traceback" not in result.stderr
+    result = run("-m", "server", "--backend", "cuda-magic")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_unknown_command_is_an_error() -> None:
+    result = run("-m", "streamedit.cli", "frobnicate")
+    assert result.returncode == 2 and "usage" in result.stdout

@@ -1,0 +1,50 @@
+"""The load tester end to end: it spawns a real server, streams a real clip, and writes JSON, PNG and summary."""
+
+from __future__ import annotations
+
+import json
+
+from loadtest.cli import main
+from tests.conftest import free_port, media_clip
+
+
+def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
+    out = tmp_path / "report"
+    port = free_port()
+    code = main(
+        [
+            "--spawn-server", "--url", f"http://127.0.0.1:{port}", "--server-args", "--backend torch",
+            "--sessions", "2", "--ramp", "4", "--duration", "9", "--warmup", "3",
+            "--source", str(media_clip("asl_book.mkv")),
+            "--prompt", "make it sepia", "--prompt", "make it a negative", "--patch-every", "2.5",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    context = json.dumps({k: report[k] for k in ("per_session", "server")})
+    assert report["connected"] == 2, context
+    assert report["connected"] == 2 and report["failures"] == 0
+    assert report["distinct_fps_min"] > 3, context
+    assert report["latency_ms_p50"] is not None and 0 < report["latency_ms_p50"] < 3000
+    for session in report["per_session"]:
+        assert session["time_to_first_frame_s"] is not None
+        assert len(session["patch_to_visible_s"]) >= 1, context
+    server = report["server"]
+    assert server["available"] and server["frames_edited"] > 20 and server["engine_ms_per_batch"] > 0
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (out / "summary.txt").read_text()
+    assert "2 sessions" in summary and "PATCH" in summary
+    assert summary in capsys.readouterr().out
+
+
+def test_load_tests_refuse_non_loopback_targets(capsys) -> None:
+    assert main(["--url", "http://example.invalid:8000", "--duration", "5"]) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_bad_arguments_get_a_message_not_a_traceback(capsys) -> None:
+    assert main(["--resolution", "big", "--duration", "5"]) == 2
+    assert main(["--source", "/no/such/file.mp4", "--duration", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no such video file" in err
