@@ -111,7 +111,7 @@ def make_tiny_pix2pix_folder(
     editor_config: EditorConfig | None = None,
     seed: int = 0,
 ) -> Path:
-    """A diffusers-format InstructPix2Pix folder with random weights: unet/, taesd/ or vae/ (or both),
+    """A diffusers-format InstructPix2Pix folder with random weights: unet/, taesd/ or vae/ ("both", or "none"),
     text_encoder/, tokenizer/, scheduler/, and editor.json only when `editor_config` is given."""
     torch.manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
