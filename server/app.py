@@ -19,7 +19,7 @@ from engines.params import EditParams
 from engines.temporal import StreamState
 from engines.worker import BatchEditor, EngineWorker
 from server.errors import ServiceError
-from server.ice import pin_host_addresses
+from server.ice import parse_port_range, pin_host_addresses, restrict_udp_ports
 from server.metrics import ServiceMetrics
 from server.routes import router
 from server.sessions import SessionRegistry
@@ -77,6 +77,8 @@ def create_app(settings: Settings | None = None, editor_factory: EditorFactory |
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pin_host_addresses(settings.host_addresses())
+        if settings.udp_ports:
+            restrict_udp_ports(asyncio.get_running_loop(), *parse_port_range(settings.udp_ports))
         state = app.state
         state.settings, state.metrics, state.registry, state.engine_error = settings, ServiceMetrics(), None, None
         state.presets = load_presets(settings.weights)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
@@ -35,3 +37,34 @@ def rtc_configuration(ice_servers: list[IceServer]) -> RTCConfiguration:
     return RTCConfiguration(
         iceServers=[RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in ice_servers]
     )
+
+
+def restrict_udp_ports(loop: asyncio.AbstractEventLoop, first: int, last: int) -> None:
+    """Make ICE sockets on `loop` bind inside [first, last] (a firewall or container publishes only that range).
+
+    aioice binds its host candidates to port 0 (any port); this wraps the loop's datagram endpoint factory
+    so such a bind takes the first free port of the range instead. Other binds pass through unchanged.
+    """
+    if not 0 < first <= last <= 65535:
+        raise ValueError(f"bad UDP port range {first}-{last}")
+    original = loop.create_datagram_endpoint
+
+    async def create_datagram_endpoint(protocol_factory: Any, local_addr: Any = None, **kwargs: Any) -> Any:
+        if local_addr is None or local_addr[1] != 0:
+            return await original(protocol_factory, local_addr=local_addr, **kwargs)
+        for port in range(first, last + 1):
+            try:
+                return await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
+            except OSError:
+                continue
+        raise OSError(f"no free UDP port in {first}-{last} on {local_addr[0]}")
+
+    loop.create_datagram_endpoint = create_datagram_endpoint  # type: ignore[method-assign]
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """'40000-40100' → (40000, 40100)."""
+    first, sep, last = text.partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"a UDP port range looks like 40000-40100, not {text!r}")
+    return int(first), int(last)

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         "loopback address (aioice leaves loopback out on its own), else every non-loopback interface. "
         "A deployment behind NAT pins its public address here.",
     )
+    udp_ports: str | None = Field(
+        None,
+        pattern=r"^\d{1,5}-\d{1,5}$",
+        description="Bind WebRTC media (ICE) to this UDP port range, e.g. 40000-40100; default any port.",
+    )
     connect_timeout_s: float = Field(15.0, gt=0, description="Reap a session whose peer never connects by then.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with a 503 when full.")
     static_dir: Path = Field(CLIENT_WEB_DIR, description="The web page served at /.")

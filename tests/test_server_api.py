@@ -182,3 +182,13 @@ async def test_page_and_openapi_are_served(editor) -> None:
         schema = (await srv.http.get(f"{srv.url}/openapi.json")).json()
         edit = schema["components"]["schemas"]["EditParams"]["properties"]
         assert edit["text_guidance"]["maximum"] == 20.0 and "description" in edit["image_guidance"]
+
+
+async def test_ice_binds_inside_the_configured_udp_port_range(editor, clip_frames) -> None:
+    async with running_server(editor, udp_ports="41000-41031") as srv:
+        session = await srv.open_session(clip_frames)
+        await wait_for(lambda: len(session.received) >= 3, 20, "frames over the restricted ports")
+        answer = session.pc.remoteDescription.sdp
+        ports = [int(line.split()[5]) for line in answer.splitlines() if line.startswith("a=candidate:")]
+        assert ports and all(41000 <= p <= 41031 for p in ports), ports
+        assert all(" 127.0.0.1 " in line for line in answer.splitlines() if line.startswith("a=candidate:"))
