@@ -94,7 +94,7 @@ class Editor:
             x0 = self._student(image_latents, [requests[i] for i in active])
             frames = tensor_to_frames(self.backend.decode(x0))
             for j, i in enumerate(active):
-                requests[i].state.record_edit(image_latents[j], x0[j], frames[j])
+                requests[i].state.record_edit(image_latents[j], x0[j], frames[j], requests[i].params)
                 results[i] = EditResult(frames[j], skipped=False)
         return [r for r in results if r is not None]
 

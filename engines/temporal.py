@@ -21,6 +21,7 @@ class StreamState:
         self.last_input_latent: torch.Tensor | None = None
         self.last_output_latent: torch.Tensor | None = None
         self.last_output_frame: np.ndarray | None = None
+        self.last_params: EditParams | None = None
         self.consecutive_skips = 0
 
     def noise(self, params: EditParams, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -47,6 +48,8 @@ class StreamState:
         """
         if not params.similarity_skip or self.last_input_latent is None or self.last_output_frame is None:
             return False
+        if params != self.last_params:  # a changed edit must show at once, however still the scene
+            return False
         if self.consecutive_skips >= params.max_skipped_frames:
             return False
         similarity = float(
@@ -57,7 +60,10 @@ class StreamState:
         probability = (similarity - params.skip_threshold) / max(1.0 - params.skip_threshold, 1e-6)
         return bool(self._skip_rng.random() < probability)
 
-    def record_edit(self, input_latent: torch.Tensor, output_latent: torch.Tensor, frame: np.ndarray) -> None:
+    def record_edit(
+        self, input_latent: torch.Tensor, output_latent: torch.Tensor, frame: np.ndarray, params: EditParams
+    ) -> None:
+        self.last_params = params
         self.last_input_latent = input_latent
         self.last_output_latent = output_latent
         self.last_output_frame = frame
