@@ -1,0 +1,68 @@
+"""Paired edit batches: augmented crops, a random edit each, its exact target, and a phrasing's cached context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data import CropSampler, DataConfig, ImageSplit, load_split
+from training.edits import Edit, all_prompts, get_edits
+from training.prompts import PromptSpec, PromptTable, build_prompt_table
+
+PROMPT_CACHE = "prompt_contexts.pt"
+
+
+@dataclass
+class EditBatch:
+    """Inputs and targets in [-1, 1] (B, 3, S, S), which edit each row got, and the prompt contexts (B, L, D)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    edit_ids: torch.Tensor
+    prompts: list[str]
+    context: torch.Tensor
+
+
+class EditBatchSampler:
+    """Draws EditBatches with one numpy RNG (the crop sampler's), so a checkpointed RNG replays the same data."""
+
+    def __init__(self, crops: CropSampler, edits: tuple[Edit, ...], table: PromptTable) -> None:
+        if not edits:
+            raise ValueError("EditBatchSampler needs at least one edit")
+        self.crops = crops
+        self.edits = edits
+        self.table = table
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.crops.rng
+
+    def sample(self, batch_size: int) -> EditBatch:
+        images = self.crops.sample(batch_size)
+        ids = torch.from_numpy(self.rng.integers(len(self.edits), size=batch_size))
+        targets = torch.empty_like(images)
+        for i in ids.unique().tolist():
+            rows = ids == i
+            targets[rows] = self.edits[i](images[rows])
+        prompts = []
+        for i in ids.tolist():
+            phrasings = self.edits[i].phrasings
+            prompts.append(phrasings[int(self.rng.integers(len(phrasings)))])
+        return EditBatch(images * 2 - 1, targets * 2 - 1, ids, prompts, self.table(prompts))
+
+
+def make_edit_sampler(
+    data: DataConfig,
+    prompts: PromptSpec,
+    edit_names: list[str] | None,
+    cache_dir: Path,
+    rng: np.random.Generator,
+) -> tuple[EditBatchSampler, ImageSplit]:
+    """Load the images, encode every phrasing once (cached in cache_dir), and build the batch sampler."""
+    split = load_split(data)
+    edits = get_edits(edit_names)
+    table = build_prompt_table(prompts, all_prompts(edits), Path(cache_dir) / PROMPT_CACHE)
+    return EditBatchSampler(CropSampler(split.train, data, rng), edits, table), split

@@ -1,0 +1,107 @@
+"""Prompt contexts for training: every phrasing encoded once (MiniLM, or a test hash encoder), cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.text import MiniLMPromptEncoder, PromptEncoder
+
+
+class PromptSpec(BaseModel):
+    """Which prompt encoder a recipe trains against."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: Literal["minilm", "hash"] = Field(
+        "minilm",
+        description="'minilm': the shipped all-MiniLM-L6-v2 encoder; 'hash': a weight-free stand-in for tests.",
+    )
+    tokens: int = Field(16, ge=2, le=77, description="Context length (the editor's max_prompt_tokens).")
+    hash_dim: int = Field(32, ge=4, description="Token width of the hash encoder (ignored for minilm).")
+
+    @property
+    def dim(self) -> int:
+        return MiniLMPromptEncoder.dim if self.encoder == "minilm" else self.hash_dim
+
+
+class HashPromptEncoder(PromptEncoder):
+    """Each word becomes a fixed pseudo-random vector seeded by its hash: no weights, same output everywhere."""
+
+    def __init__(self, dim: int = 32, tokens: int = 16) -> None:
+        self.dim = dim
+        self.tokens = tokens
+
+    def _word(self, word: str) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little") % (2**63)
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        out = torch.zeros(len(prompts), self.tokens, self.dim)
+        for i, prompt in enumerate(prompts):
+            for j, word in enumerate(re.findall(r"[a-z0-9']+", prompt.lower())[: self.tokens]):
+                out[i, j] = self._word(word)
+        return out
+
+
+class LazyPromptEncoder(PromptEncoder):
+    """Builds the real encoder only when a prompt missing from the cache must be encoded."""
+
+    def __init__(self, spec: PromptSpec) -> None:
+        self.spec = spec
+        self.dim = spec.dim
+        self.tokens = spec.tokens
+        self._encoder: PromptEncoder | None = None
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        if self._encoder is None:
+            self._encoder = make_prompt_encoder(self.spec)
+        return self._encoder.encode(prompts)
+
+
+def make_prompt_encoder(spec: PromptSpec) -> PromptEncoder:
+    if spec.encoder == "minilm":
+        return MiniLMPromptEncoder(tokens=spec.tokens)
+    return HashPromptEncoder(spec.hash_dim, spec.tokens)
+
+
+class PromptTable:
+    """The (tokens, dim) context of every known prompt; the empty prompt is the null-text condition."""
+
+    def __init__(self, contexts: dict[str, torch.Tensor]) -> None:
+        if "" not in contexts:
+            raise ValueError("a prompt table needs the empty prompt (the null-text condition)")
+        self.contexts = contexts
+
+    @property
+    def null(self) -> torch.Tensor:
+        return self.contexts[""]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), tokens, dim) contexts; a prompt outside the table raises KeyError."""
+        return torch.stack([self.contexts[p] for p in prompts])
+
+
+def build_prompt_table(
+    spec: PromptSpec, prompts: list[str], cache_path: Path | None, encoder: PromptEncoder | None = None
+) -> PromptTable:
+    """Encode `prompts` (and "") once; reuse `cache_path` when it was written for the same encoder and prompts."""
+    prompts = list(dict.fromkeys(["", *prompts]))
+    key = {"spec": spec.model_dump(), "prompts": prompts}
+    if cache_path is not None and cache_path.is_file():
+        cached = torch.load(cache_path, weights_only=True)
+        if cached.get("key") == repr(key):
+            return PromptTable(dict(zip(prompts, cached["contexts"], strict=True)))
+    encoder = encoder or make_prompt_encoder(spec)
+    contexts = torch.cat([encoder.encode(prompts[i : i + 64]) for i in range(0, len(prompts), 64)]).float()
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        torch.save({"key": repr(key), "contexts": contexts}, tmp)
+        tmp.replace(cache_path)
+    return PromptTable(dict(zip(prompts, contexts, strict=True)))
