@@ -1,0 +1,194 @@
+"""Recipe 4: adversarial distillation to a one-step student at t=999 that keeps its (s_T, s_I) controls."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from engines.model import EditorModel
+from engines.sampling import student_start, teacher_sample
+from training.batches import make_edit_sampler
+from training.checkpoint import TrainState
+from training.config import EditTrainConfig, recipe_main
+from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
+from training.guidance_distill import sample_scales
+from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.models import FINAL_FOLDER, load_editor_model, save_editor
+
+
+class AdversarialDistillConfig(EditTrainConfig):
+    """MoViE's last stage (after LADD): targets from a few-step teacher, a frozen-encoder discriminator."""
+
+    student_init: Path = Field(..., description="The guidance-distilled model folder the student starts from.")
+    target_model: Path | None = Field(
+        None,
+        description="Model whose few-step samples are the targets (None = student_init's weights, frozen). "
+        "A guidance-distilled target costs 1 pass a step, a 3-pass teacher 3.",
+    )
+    target_steps: int = Field(4, ge=1, description="DDIM steps of the target sampler (MoViE: 5 LCM steps).")
+    discriminator_backbone: Path | None = Field(
+        None, description="Model whose frozen UNet encoder feeds the heads (None = the target model)."
+    )
+    text_guidance_range: tuple[float, float] = Field((0.0, 3.0), description="s_T ~ U[lo, hi] (as distilled).")
+    image_guidance_range: tuple[float, float] = Field((0.5, 2.0), description="s_I ~ U[lo, hi] (as distilled).")
+    empty_prompt_probability: float = Field(0.05, ge=0, le=1, description="Rows with the empty prompt.")
+    logit_normal_mean: float = Field(-1.0, description="Re-noising t = 999·sigmoid(N(mean, std)) (LADD: -1, 1).")
+    logit_normal_std: float = Field(1.0, gt=0, description="See logit_normal_mean.")
+    mse_weight: float = Field(1.0, ge=0, description="λ_mse on ‖x̂0 − x0_target‖² (latents).")
+    adversarial_weight: float = Field(0.05, ge=0, description="λ_gen on the generator's hinge term.")
+    r1_weight: float = Field(1e-3, ge=0, description="γ of the R1 penalty γ/2·‖∇D(real)‖² (on encoder features).")
+    r1_every: int = Field(4, ge=1, description="Lazy R1: every N steps, scaled by N.")
+    disc_lr: float = Field(1e-4, gt=0, description="Discriminator-head learning rate.")
+    disc_hidden: int = Field(64, ge=4, description="Channels of each head's conv body.")
+    disc_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas of the heads (GAN-style).")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdversarialDistillConfig:
+        for name in ("text_guidance_range", "image_guidance_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 <= lo <= hi, got ({lo}, {hi})")
+        return self
+
+
+def logit_normal_timesteps(
+    rng: np.random.Generator, batch: int, num_train: int, mean: float, std: float
+) -> torch.Tensor:
+    """t = round((T−1)·sigmoid(u)), u ~ N(mean, std): LADD's re-noising distribution (biased to low noise)."""
+    u = 1.0 / (1.0 + np.exp(-rng.normal(mean, std, batch)))
+    return torch.from_numpy(np.round(u * (num_train - 1))).long()
+
+
+def _frozen_copy(model: EditorModel) -> EditorModel:
+    frozen = copy.deepcopy(model)
+    frozen.unet.requires_grad_(False).eval()
+    return frozen
+
+
+def train(config: AdversarialDistillConfig) -> Path:
+    """Train (or resume) the one-step student; writes output_dir/final and returns it."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    init = load_editor_model(config.student_init, config.prompts)
+    if not init.config.distilled:
+        raise ValueError(f"{config.student_init} has no guidance embedding; run guidance_distill first")
+    target = (
+        _frozen_copy(init) if config.target_model is None else load_editor_model(config.target_model, config.prompts)
+    )
+    target.unet.requires_grad_(False).eval()
+    backbone = (
+        target
+        if config.discriminator_backbone is None
+        else (load_editor_model(config.discriminator_backbone, config.prompts))
+    )
+    schedule = init.schedule
+    num_train = len(schedule.alphas_cumprod)
+    editor = init.config.model_copy(update={"resolution": config.resolution})
+    taesd = init.codec.taesd.requires_grad_(False)
+    student = init.unet
+    student_unet = student.unet.requires_grad_(True).train()
+    bb = backbone.config
+    bb_unet = copy.deepcopy(backbone.unet.unet)
+    encoder = FrozenUNetEncoder(bb_unet, bb.guidance_embedding_dim, bb.guidance_embedding_scale)
+    heads = DiscriminatorHeads(encoder.channels, config.prompts.dim, hidden=config.disc_hidden)
+    params = [p for p in student_unet.parameters() if p.requires_grad]
+    disc_params = list(heads.parameters())
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    disc_optimizer = make_adamw(disc_params, config.disc_lr, 0.0, config.disc_betas)
+    modules: dict[str, torch.nn.Module] = {"unet": student_unet, "heads": heads}
+    ema = EMA(student_unet, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    state = TrainState(modules, {"unet": optimizer, "heads": disc_optimizer}, rng)
+    sampler, _ = make_edit_sampler(config.data, config.prompts, config.edits, config.output_dir, rng)
+    null = sampler.table.null
+    t_student = editor.student_timestep
+
+    def step(i: int) -> dict[str, float]:
+        b = sampler.sample(config.batch_size)
+        n = b.images.shape[0]
+        with torch.no_grad():
+            z_image = taesd.encode(b.images).latents
+        empty = torch.from_numpy(rng.random(n) < config.empty_prompt_probability)
+        context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
+        scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
+        cond = z_image * editor.image_latent_scale
+        with torch.no_grad():
+            x0_target = teacher_sample(
+                target.unet,
+                schedule,
+                cond,
+                context,
+                null[None],
+                scales[:, 0],
+                scales[:, 1],
+                steps=config.target_steps,
+                guidance_distilled=target.config.distilled,
+            )
+        x_start = student_start(schedule, torch.randn_like(z_image), t_student, None)
+        ts = torch.full((n,), t_student, dtype=torch.long)
+        x0 = schedule.predict_x0(student(torch.cat([x_start, cond], 1), ts, context, scales), x_start, ts)
+
+        # Real and fake re-noised at the same logit-normal t with the same noise.
+        t_d = logit_normal_timesteps(rng, n, num_train, config.logit_normal_mean, config.logit_normal_std)
+        noise_d = torch.randn_like(x0)
+        real_t = schedule.add_noise(x0_target, noise_d, t_d)
+        fake_t = schedule.add_noise(x0, noise_d, t_d)
+
+        # Discriminator step: heads only; the encoder's features are fixed inputs here.
+        with torch.no_grad():
+            real_features = encoder(torch.cat([real_t, cond], 1), t_d, context, scales)
+            fake_features = encoder(torch.cat([fake_t.detach(), cond], 1), t_d, context, scales)
+        lazy_r1 = config.r1_weight > 0 and i % config.r1_every == 0
+        if lazy_r1:
+            real_features = [f.requires_grad_(True) for f in real_features]
+        d_real = heads(real_features, t_d, scales, context)
+        d_fake = heads(fake_features, t_d, scales, context)
+        d_loss = hinge_discriminator_loss(d_real, d_fake)
+        r1 = torch.zeros(())
+        if lazy_r1:
+            r1 = r1_penalty(d_real, real_features)
+            d_loss = d_loss + 0.5 * config.r1_weight * config.r1_every * r1
+        disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        clip_and_step(disc_optimizer, disc_params, config.grad_clip)
+
+        # Generator step: reconstruction towards the target plus fooling the (now fixed) heads.
+        g_features = encoder(torch.cat([fake_t, cond], 1), t_d, context, scales)
+        g_adv = -heads(g_features, t_d, scales, context).mean()
+        mse = F.mse_loss(x0, x0_target)
+        g_loss = config.mse_weight * mse + config.adversarial_weight * g_adv
+        g_loss.backward()
+        disc_optimizer.zero_grad(set_to_none=True)  # the generator's pass left gradients on the heads
+        norm = clip_and_step(optimizer, params, config.grad_clip)
+        if ema is not None:
+            ema.update(student_unet)
+        return {
+            "mse": float(mse.detach()),
+            "g_adv": float(g_adv.detach()),
+            "d_loss": float(d_loss.detach()),
+            "d_real": float(d_real.detach().mean()),
+            "d_fake": float(d_fake.detach().mean()),
+            "r1": float(r1.detach()),
+            "grad_norm": norm,
+        }
+
+    run_training(config, state, step, "adversarial_distill")
+    final_unet = ema.shadow if ema is not None else student_unet
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    return save_editor(
+        Path(config.output_dir) / FINAL_FOLDER, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return recipe_main(AdversarialDistillConfig, train, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    main()

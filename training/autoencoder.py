@@ -1,0 +1,127 @@
+"""Recipe 1: train a TAESD-architecture autoencoder (AutoencoderTiny) on raw and edited crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderTiny
+from pydantic import Field
+
+from training.checkpoint import TrainState
+from training.config import TAESDSpec, TrainConfig, recipe_main
+from training.data import CropSampler, DataConfig, load_split
+from training.edits import get_edits
+from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.models import FINAL_FOLDER, load_taesd, save_taesd
+
+
+class AutoencoderConfig(TrainConfig):
+    """Reconstruction training of the editor's codec; its latents must also suit diffusion."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    taesd: TAESDSpec = Field(default_factory=TAESDSpec)
+    init_from: Path | None = Field(None, description="Start from this TAESD folder instead of random weights.")
+    edits: list[str] | None = Field(None, description="Edits whose outputs are also reconstructed (None = all).")
+    edit_probability: float = Field(
+        0.5, ge=0, le=1, description="Chance a crop is replaced by an edit's output: the decoder must draw those too."
+    )
+    l1_weight: float = Field(1.0, ge=0, description="Pixel L1.")
+    mse_weight: float = Field(1.0, ge=0, description="Pixel MSE (what PSNR measures).")
+    edge_weight: float = Field(0.5, ge=0, description="L1 between image gradients (keeps edges sharp).")
+    latent_reg_weight: float = Field(
+        0.01, ge=0, description="Pulls each latent channel to mean 0, std 1, the scale the noise schedule assumes."
+    )
+    latent_noise: float = Field(
+        0.05, ge=0, description="Max σ of noise added to latents before decoding (a decoder robust to UNet error)."
+    )
+
+
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical forward differences of (B, C, H, W) images."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def reconstruction_losses(recon: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1, MSE and gradient-L1 between reconstructions and images (both in [-1, 1])."""
+    gx_r, gy_r = image_gradients(recon)
+    gx_i, gy_i = image_gradients(images)
+    return {
+        "l1": (recon - images).abs().mean(),
+        "mse": F.mse_loss(recon, images),
+        "edge": 0.5 * ((gx_r - gx_i).abs().mean() + (gy_r - gy_i).abs().mean()),
+    }
+
+
+def latent_regulariser(latents: torch.Tensor) -> torch.Tensor:
+    """Σ_c mean_c² + log(std_c)²: zero when every latent channel has mean 0 and std 1 over the batch."""
+    mean = latents.mean((0, 2, 3))
+    std = latents.std((0, 2, 3)).clamp_min(1e-4)
+    return (mean**2 + std.log() ** 2).mean()
+
+
+def train(config: AutoencoderConfig) -> Path:
+    """Train (or resume) the autoencoder; writes output_dir/final/taesd/ and returns output_dir/final."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    taesd = (
+        load_taesd(config.init_from) if config.init_from else AutoencoderTiny(**config.taesd.diffusers_kwargs())
+    ).train()
+    params = [p for p in taesd.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    modules: dict[str, torch.nn.Module] = {"taesd": taesd}
+    ema = EMA(taesd, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    state = TrainState(modules, {"taesd": optimizer}, rng)
+    split = load_split(config.data)
+    crops = CropSampler(split.train, config.data, rng)
+    edits = get_edits(config.edits)
+
+    def step(_: int) -> dict[str, float]:
+        x = crops.sample(config.batch_size)
+        edit_rows = torch.from_numpy(rng.random(config.batch_size) < config.edit_probability)
+        choice = torch.from_numpy(rng.integers(len(edits), size=config.batch_size))
+        for i in choice[edit_rows].unique().tolist():
+            rows = edit_rows & (choice == i)
+            x[rows] = edits[i](x[rows])
+        images = x * 2 - 1
+        latents = taesd.encode(images).latents
+        sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
+        recon = taesd.decode(latents + sigma * torch.randn_like(latents)).sample
+        parts = reconstruction_losses(recon, images)
+        reg = latent_regulariser(latents)
+        loss = (
+            config.l1_weight * parts["l1"]
+            + config.mse_weight * parts["mse"]
+            + config.edge_weight * parts["edge"]
+            + config.latent_reg_weight * reg
+        )
+        loss.backward()
+        norm = clip_and_step(optimizer, params, config.grad_clip)
+        if ema is not None:
+            ema.update(taesd)
+        psnr = 10 * torch.log10(4.0 / parts["mse"].detach().clamp_min(1e-10))  # peak-to-peak 2 in [-1, 1]
+        return {
+            "loss": float(loss.detach()),
+            "l1": float(parts["l1"]),
+            "psnr": float(psnr),
+            "latent_reg": float(reg),
+            "latent_std": float(latents.detach().std()),
+            "grad_norm": norm,
+        }
+
+    run_training(config, state, step, "autoencoder")
+    final = ema.shadow if ema is not None else taesd
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    return save_taesd(Path(config.output_dir) / FINAL_FOLDER, final.eval(), dtype)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return recipe_main(AutoencoderConfig, train, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Recipe 3: multimodal guidance distillation: one pass with (s_T, s_I) embeddings learns the teacher's 3-pass CFG."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from engines.sampling import cfg_prediction
+from engines.unet import GuidedUNet, add_guidance_embedding
+from training.batches import make_edit_sampler
+from training.checkpoint import TrainState
+from training.config import EditTrainConfig, recipe_main
+from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.models import FINAL_FOLDER, editor_config, load_editor_model, save_editor
+from training.teacher import sample_timesteps
+
+
+class GuidanceDistillConfig(EditTrainConfig):
+    """Student = teacher + zero-initialised (s_T, s_I) embeddings; target = the teacher's guided output.
+
+    Default ranges, for this editor's exact, deterministic edits: the teacher's conditional output is
+    already the edit (s_T = 1) and its text-dropped output is the input (see TeacherConfig.null_text_target),
+    so s_T in [0, 3] spans "no edit" → "the edit" → "exaggerated"; beyond ~3 outputs saturate. s_I in
+    [0.5, 2] spans washed-out → contrast-boosted renderings of the frame. (MoViE's U[2, 14] and U[1, 3]
+    fit InstructPix2Pix's diverse, weakly-conditioned real edits.)
+    """
+
+    teacher: Path = Field(..., description="The teacher stage's model folder (or its output_dir).")
+    guidance_embedding_dim: int = Field(64, ge=2, description="Sinusoidal width per scale (even).")
+    text_guidance_range: tuple[float, float] = Field((0.0, 3.0), description="s_T ~ U[lo, hi].")
+    image_guidance_range: tuple[float, float] = Field((0.5, 2.0), description="s_I ~ U[lo, hi].")
+    high_t_probability: float = Field(0.15, ge=0, le=1, description="Rows at t=999 (the one-step student's t).")
+    empty_prompt_probability: float = Field(
+        0.05, ge=0, le=1, description="Rows with the empty prompt, so 'no instruction' stays defined."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GuidanceDistillConfig:
+        for name in ("text_guidance_range", "image_guidance_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 <= lo <= hi, got ({lo}, {hi})")
+        if self.guidance_embedding_dim % 2:
+            raise ValueError(f"guidance_embedding_dim must be even, got {self.guidance_embedding_dim}")
+        return self
+
+
+def sample_scales(
+    rng: np.random.Generator, batch: int, text_range: tuple[float, float], image_range: tuple[float, float]
+) -> torch.Tensor:
+    """(B, 2) rows of (s_T, s_I), each uniform in its range."""
+    s_t = rng.uniform(text_range[0], text_range[1], batch)
+    s_i = rng.uniform(image_range[0], image_range[1], batch)
+    return torch.from_numpy(np.stack([s_t, s_i], 1)).float()
+
+
+def train(config: GuidanceDistillConfig) -> Path:
+    """Train (or resume) the guidance-distilled student; writes output_dir/final and returns it."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    teacher_model = load_editor_model(config.teacher, config.prompts)
+    if teacher_model.config.distilled:
+        raise ValueError(f"{config.teacher} is already guidance-distilled; distil from a 3-pass teacher")
+    schedule = teacher_model.schedule
+    num_train = len(schedule.alphas_cumprod)
+    taesd = teacher_model.codec.taesd.requires_grad_(False)
+    teacher_unet = teacher_model.unet.unet.requires_grad_(False).eval()
+    teacher = GuidedUNet(teacher_unet, None, 1.0)
+    editor = editor_config(config.prompts, config.resolution, config.guidance_embedding_dim)
+    student_unet = add_guidance_embedding(copy.deepcopy(teacher_unet), config.guidance_embedding_dim)
+    student_unet.requires_grad_(True).train()
+    student = GuidedUNet(student_unet, editor.guidance_embedding_dim, editor.guidance_embedding_scale)
+    params = [p for p in student_unet.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    modules: dict[str, torch.nn.Module] = {"unet": student_unet}
+    ema = EMA(student_unet, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    state = TrainState(modules, {"unet": optimizer}, rng)
+    sampler, _ = make_edit_sampler(config.data, config.prompts, config.edits, config.output_dir, rng)
+    null = sampler.table.null
+
+    def step(_: int) -> dict[str, float]:
+        b = sampler.sample(config.batch_size)
+        with torch.no_grad():
+            z_image = taesd.encode(b.images).latents
+            z_target = taesd.encode(b.targets).latents
+        n = z_image.shape[0]
+        empty = torch.from_numpy(rng.random(n) < config.empty_prompt_probability)
+        context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
+        z_target = torch.where(empty[:, None, None, None], z_image, z_target)
+        scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
+        cond = z_image * editor.image_latent_scale
+        t = sample_timesteps(rng, n, num_train, config.high_t_probability)
+        x_t = schedule.add_noise(z_target, torch.randn_like(z_target), t)
+        with torch.no_grad():
+            guided = cfg_prediction(teacher, schedule, x_t, cond, t, context, null[None], scales[:, 0], scales[:, 1])
+        prediction = student(torch.cat([x_t, cond], 1), t, context, scales)
+        loss = F.mse_loss(prediction, guided)
+        loss.backward()
+        norm = clip_and_step(optimizer, params, config.grad_clip)
+        if ema is not None:
+            ema.update(student_unet)
+        return {"loss": float(loss.detach()), "grad_norm": norm}
+
+    run_training(config, state, step, "guidance_distill")
+    final_unet = ema.shadow if ema is not None else student_unet
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    return save_editor(
+        Path(config.output_dir) / FINAL_FOLDER, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return recipe_main(GuidanceDistillConfig, train, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Produce the shipped default editor: run every recipe stage in order, resuming or skipping finished ones.
+
+The committed commands (run from the repository root; the 2 CPU cores are shared, so always niced):
+
+    nohup nice -n 19 .venv/bin/python -m training.make_default > artifacts/train.log 2>&1 &
+    tail -f artifacts/train.log                      # progress bars and stage starts
+    tail -n 3 artifacts/default/*/loss_log.jsonl     # latest losses of every stage
+    .venv/bin/python -m training.make_default --dry-run   # what is done, what would run next
+
+Re-running the same command after an interruption skips finished stages (their final/ folder exists)
+and resumes the current one from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.config import load_raw_config
+from training.models import FINAL_FOLDER
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: a recipe module run with one config file."""
+
+    name: str
+    module: str
+    config: str
+
+    def output_dir(self, config_dir: Path, overrides: list[str]) -> Path:
+        return Path(load_raw_config(config_dir / self.config, overrides)["output_dir"])
+
+    def done_marker(self, config_dir: Path, overrides: list[str]) -> Path:
+        """What exists once the stage has finished: its final model folder (the evaluation: its report)."""
+        out = self.output_dir(config_dir, overrides)
+        return out / ("report.md" if self.name == "evaluate" else FINAL_FOLDER)
+
+
+STAGES = (
+    Stage("autoencoder", "training.autoencoder", "default_autoencoder.yaml"),
+    Stage("teacher", "training.teacher", "default_teacher.yaml"),
+    Stage("guidance_distill", "training.guidance_distill", "default_guidance_distill.yaml"),
+    Stage("adversarial_distill", "training.adversarial_distill", "default_adversarial_distill.yaml"),
+    Stage("evaluate", "training.evaluate", "default_evaluate.yaml"),
+)
+
+
+def stage_command(stage: Stage, config_dir: Path, overrides: list[str]) -> list[str]:
+    command = [sys.executable, "-m", stage.module, "--config", str(config_dir / stage.config)]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, default=CONFIG_DIR, help="folder of the default_*.yaml configs")
+    parser.add_argument("--only", choices=[s.name for s in STAGES], action="append", help="run just these stages")
+    parser.add_argument("--force", action="store_true", help="run stages even when their final output exists")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's state and command, run nothing")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every stage"
+    )
+    args = parser.parse_args(argv)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Idle OpenMP threads sleep instead of spinning: the cores are shared and this job runs niced.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for stage in STAGES:
+        if args.only and stage.name not in args.only:
+            continue
+        marker = stage.done_marker(args.configs, args.overrides)
+        command = stage_command(stage, args.configs, args.overrides)
+        if marker.exists() and not args.force:
+            print(f"[make_default] {stage.name}: done ({marker})", flush=True)
+            continue
+        print(f"[make_default] {stage.name}: {'would run' if args.dry_run else 'running'}: {' '.join(command)}")
+        if args.dry_run:
+            continue
+        started = time.monotonic()
+        result = subprocess.run(command, env=env, check=False)
+        minutes = (time.monotonic() - started) / 60
+        if result.returncode != 0:
+            print(f"[make_default] {stage.name} failed (exit {result.returncode}) after {minutes:.1f} min", flush=True)
+            sys.exit(result.returncode)
+        print(f"[make_default] {stage.name} finished in {minutes:.1f} min", flush=True)
+    print("[make_default] all stages done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Recipe 2: InstructPix2Pix-style training of the Mobile-Pix2Pix teacher UNet on frozen TAESD latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from pydantic import Field, model_validator
+
+from engines.unet import GuidedUNet
+from training.batches import make_edit_sampler
+from training.checkpoint import TrainState
+from training.config import EditTrainConfig, UNetSpec, recipe_main
+from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.models import (
+    FINAL_FOLDER,
+    editor_config,
+    load_editor_model,
+    load_taesd,
+    native_target,
+    save_editor,
+    training_schedule,
+)
+
+
+class TeacherConfig(EditTrainConfig):
+    """The teacher: a UNet without guidance embedding, queried 3 times per step for CFG."""
+
+    autoencoder: Path = Field(..., description="The autoencoder stage's output (a folder holding taesd/).")
+    unet: UNetSpec = Field(default_factory=UNetSpec)
+    init_from: Path | None = Field(None, description="Start from this teacher model folder's UNet.")
+    drop_text: float = Field(0.05, ge=0, le=1, description="Rows with only the text dropped (InstructPix2Pix: 5%).")
+    drop_image: float = Field(0.05, ge=0, le=1, description="Rows with only the image dropped (5%).")
+    drop_both: float = Field(0.05, ge=0, le=1, description="Rows with text and image dropped (5%).")
+    null_text_target: Literal["identity", "edit"] = Field(
+        "identity",
+        description="Target of rows whose text is dropped: 'edit' keeps the edited image (InstructPix2Pix, "
+        "for datasets of diverse real edits); 'identity' uses the input, so 'no instruction' means 'no change' "
+        "and s_T becomes an edit-strength dial (0 = input, 1 = the edit).",
+    )
+    high_t_probability: float = Field(
+        0.1, ge=0, le=1, description="Rows trained at t=999 exactly, where the one-step student works."
+    )
+
+    @model_validator(mode="after")
+    def _check_dropout(self) -> TeacherConfig:
+        total = self.drop_text + self.drop_image + self.drop_both
+        if total > 1:
+            raise ValueError(f"drop_text + drop_image + drop_both = {total} > 1")
+        return self
+
+
+def conditioning_dropout(
+    rng: np.random.Generator, batch: int, text: float, image: float, both: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (B,) masks of rows whose text / image condition is dropped, with the three disjoint rates."""
+    r = torch.from_numpy(rng.random(batch))
+    text_only = r < text
+    image_only = (r >= text) & (r < text + image)
+    both_dropped = (r >= text + image) & (r < text + image + both)
+    return text_only | both_dropped, image_only | both_dropped
+
+
+def sample_timesteps(rng: np.random.Generator, batch: int, num_train: int, high_t_probability: float) -> torch.Tensor:
+    """Uniform timesteps, with a share set to the last one (the one-step student's)."""
+    t = rng.integers(0, num_train, size=batch)
+    t[rng.random(batch) < high_t_probability] = num_train - 1
+    return torch.from_numpy(t).long()
+
+
+def train(config: TeacherConfig) -> Path:
+    """Train (or resume) the teacher; writes an EditorModel folder to output_dir/final and returns it."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    schedule = training_schedule()
+    num_train = len(schedule.alphas_cumprod)
+    taesd = load_taesd(config.autoencoder).requires_grad_(False)
+    if config.init_from is not None:
+        unet = load_editor_model(config.init_from, config.prompts).unet.unet
+        if unet.config.time_cond_proj_dim is not None:
+            raise ValueError(f"{config.init_from} is guidance-distilled; a teacher starts from a 3-pass model")
+    else:
+        unet_config = config.unet.diffusers_config(config.prompts.dim, taesd.config.latent_channels)
+        unet = UNet2DConditionModel.from_config(unet_config)
+    unet.train()
+    model = GuidedUNet(unet, None, 1.0)
+    editor = editor_config(config.prompts, config.resolution, None)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    modules: dict[str, torch.nn.Module] = {"unet": unet}
+    ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    state = TrainState(modules, {"unet": optimizer}, rng)
+    sampler, _ = make_edit_sampler(config.data, config.prompts, config.edits, config.output_dir, rng)
+    null = sampler.table.null
+
+    def step(_: int) -> dict[str, float]:
+        b = sampler.sample(config.batch_size)
+        with torch.no_grad():
+            z_image = taesd.encode(b.images).latents
+            z_target = taesd.encode(b.targets).latents
+        n = z_image.shape[0]
+        text_dropped, image_dropped = conditioning_dropout(
+            rng, n, config.drop_text, config.drop_image, config.drop_both
+        )
+        context = torch.where(text_dropped[:, None, None], null.expand_as(b.context), b.context)
+        if config.null_text_target == "identity":
+            z_target = torch.where(text_dropped[:, None, None, None], z_image, z_target)
+        cond = z_image * editor.image_latent_scale * (~image_dropped).float()[:, None, None, None]
+        t = sample_timesteps(rng, n, num_train, config.high_t_probability)
+        noise = torch.randn_like(z_target)
+        x_t = schedule.add_noise(z_target, noise, t)
+        prediction = model(torch.cat([x_t, cond], 1), t, context, torch.zeros(n, 2))
+        loss = F.mse_loss(prediction, native_target(schedule, z_target, noise, t))
+        loss.backward()
+        norm = clip_and_step(optimizer, params, config.grad_clip)
+        if ema is not None:
+            ema.update(unet)
+        return {"loss": float(loss.detach()), "grad_norm": norm}
+
+    run_training(config, state, step, "teacher")
+    final_unet = ema.shadow if ema is not None else unet
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    return save_editor(
+        Path(config.output_dir) / FINAL_FOLDER, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return recipe_main(TeacherConfig, train, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    main()
