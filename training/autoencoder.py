@@ -106,9 +106,9 @@ def train(config: AutoencoderConfig) -> Path:
         psnr = 10 * torch.log10(4.0 / parts["mse"].detach().clamp_min(1e-10))  # peak-to-peak 2 in [-1, 1]
         return {
             "loss": float(loss.detach()),
-            "l1": float(parts["l1"]),
+            "l1": float(parts["l1"].detach()),
             "psnr": float(psnr),
-            "latent_reg": float(reg),
+            "latent_reg": float(reg.detach()),
             "latent_std": float(latents.detach().std()),
             "grad_norm": norm,
         }

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The shared clips (CC BY 4.0, Intel IoT DevKit sample videos) sit beside the repository.
-DEFAULT_MEDIA_DIR = REPO_ROOT.parent / "shared" / "media"
+#: The shared clips (CC BY 4.0, Intel IoT DevKit sample videos): beside the checkout, or inside it elsewhere.
+DEFAULT_MEDIA_DIR = next(
+    (p for p in (REPO_ROOT.parent / "shared" / "media", REPO_ROOT / "shared" / "media") if p.is_dir()),
+    REPO_ROOT.parent / "shared" / "media",
+)
 MEDIA_ATTRIBUTION = "Sample videos by Intel Corporation (intel-iot-devkit/sample-videos), CC BY 4.0"
 
 
@@ -194,7 +197,7 @@ def service_view(image: np.ndarray, size: int) -> np.ndarray:
     )
     rw, rh = resized.size
     left, top = (rw - size) // 2, (rh - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
+    return np.array(resized.crop((left, top, left + size, top + size)))
 
 
 class CropSampler:

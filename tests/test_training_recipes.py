@@ -1,0 +1,332 @@
+"""The four recipes on tiny configs: losses fall, runs survive a crash and resume exactly, outputs load in engines/."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+import training.loop
+from engines.backends.torch_backend import TorchBackend
+from engines.editor import Editor, EditRequest
+from engines.model import EditorModel, load_codec
+from engines.params import EditParams
+from engines.temporal import StreamState
+from engines.text import CachedPromptEncoder
+from training.adversarial_distill import AdversarialDistillConfig, logit_normal_timesteps
+from training.adversarial_distill import train as train_adversarial
+from training.autoencoder import AutoencoderConfig
+from training.autoencoder import train as train_autoencoder
+from training.checkpoint import checkpoint_paths
+from training.config import UNetSpec
+from training.data import DEFAULT_MEDIA_DIR
+from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_penalty
+from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
+from training.guidance_distill import GuidanceDistillConfig
+from training.guidance_distill import train as train_guidance
+from training.loop import read_loss_log
+from training.prompts import HashPromptEncoder
+from training.teacher import TeacherConfig, conditioning_dropout, sample_timesteps
+from training.teacher import train as train_teacher
+
+C = TypeVar("C")
+
+PROMPTS: dict[str, Any] = {"encoder": "hash", "hash_dim": 16, "tokens": 8}
+EDITS = ["negative", "black_and_white"]
+TINY_UNET: dict[str, Any] = {"block_out_channels": [16, 32], "attention_head_dim": 2, "norm_num_groups": 8}
+
+
+def tiny(output_dir: Path, steps: int, **fields: Any) -> dict[str, Any]:
+    """Shared fields of every tiny config: 32² crops, batch 2, a loss line every step."""
+    return {
+        "output_dir": output_dir,
+        "steps": steps,
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "checkpoint_every": steps // 2,
+        "threads": 1,
+        "ema_decay": 0.9,
+        "save_dtype": "float32",
+        "progress_interval": 60.0,
+        "data": {
+            "photos": ["astronaut"],
+            "clips": ["asl_eat.mkv"],
+            "max_frames_per_clip": 4,
+            "val_photos": ["chelsea"],
+            "val_clips": [],
+            "val_tail": 0.25,
+            "crop_size": 32,
+        },
+        **fields,
+    }
+
+
+def hash_encoder() -> HashPromptEncoder:
+    return HashPromptEncoder(PROMPTS["hash_dim"], PROMPTS["tokens"])
+
+
+class Crash(Exception):
+    """Stands in for the process dying right after a checkpoint was written."""
+
+
+@contextlib.contextmanager
+def crash_after_checkpoint(at_step: int) -> Iterator[None]:
+    real = training.loop.save_checkpoint
+
+    def save_then_crash(output_dir: Path, state: Any, keep: int) -> Path:
+        path = real(output_dir, state, keep)
+        if state.step == at_step:
+            raise Crash(f"crashed after the checkpoint at step {at_step}")
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.loop, "save_checkpoint", save_then_crash)
+        yield
+
+
+def interrupted_then_resumed(train: Callable[[C], Path], config: C, at_step: int) -> Path:
+    """Run until a crash after the checkpoint at `at_step`, then run the same command again to the end."""
+    with crash_after_checkpoint(at_step), pytest.raises(Crash):
+        train(config)
+    out = Path(config.output_dir)  # type: ignore[attr-defined]
+    assert not (out / "final").exists(), "an interrupted run must not write a final model"
+    assert [p.name for p in checkpoint_paths(out)][-1] == f"step-{at_step:08d}.pt"
+    return train(config)
+
+
+def assert_falls(output_dir: Path, key: str, factor: float = 0.8) -> None:
+    values = [row[key] for row in read_loss_log(output_dir)]
+    k = max(3, len(values) // 4)
+    first, last = float(np.mean(values[:k])), float(np.mean(values[-k:]))
+    assert last < factor * first, f"{key} did not fall: first {k} steps {first:.4g}, last {k} {last:.4g}"
+
+
+def assert_log_is_contiguous(output_dir: Path, steps: int) -> None:
+    assert [row["step"] for row in read_loss_log(output_dir)] == list(range(1, steps + 1))
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The whole pipeline at toy scale; every stage is interrupted halfway and resumed."""
+    if not (DEFAULT_MEDIA_DIR / "asl_eat.mkv").is_file():
+        pytest.skip(f"shared clips not found at {DEFAULT_MEDIA_DIR}")
+    root = tmp_path_factory.mktemp("recipes")
+    out: dict[str, Path] = {}
+    ae = AutoencoderConfig.model_validate(tiny(root / "autoencoder", 40, lr=3e-3, taesd={"width": 8}))
+    out["autoencoder"] = interrupted_then_resumed(train_autoencoder, ae, 20)
+    teacher = TeacherConfig.model_validate(
+        tiny(
+            root / "teacher",
+            40,
+            lr=2e-3,
+            autoencoder=root / "autoencoder",
+            unet=TINY_UNET,
+            prompts=PROMPTS,
+            edits=EDITS,
+            resolution=64,
+        )
+    )
+    out["teacher"] = interrupted_then_resumed(train_teacher, teacher, 20)
+    gd = GuidanceDistillConfig.model_validate(
+        tiny(
+            root / "guidance_distill",
+            30,
+            lr=2e-3,
+            teacher=root / "teacher",
+            guidance_embedding_dim=8,
+            prompts=PROMPTS,
+            edits=EDITS,
+            resolution=64,
+        )
+    )
+    out["guidance_distill"] = interrupted_then_resumed(train_guidance, gd, 15)
+    ad = AdversarialDistillConfig.model_validate(
+        tiny(
+            root / "adversarial_distill",
+            30,
+            lr=2e-3,
+            student_init=root / "guidance_distill",
+            target_steps=2,
+            disc_hidden=8,
+            r1_every=2,
+            prompts=PROMPTS,
+            edits=EDITS,
+            resolution=64,
+        )
+    )
+    out["adversarial_distill"] = interrupted_then_resumed(train_adversarial, ad, 15)
+    return out
+
+
+def test_autoencoder_learns_resumes_and_writes_a_loadable_taesd(stages: dict[str, Path]) -> None:
+    final = stages["autoencoder"]
+    assert_falls(final.parent, "l1")
+    assert_log_is_contiguous(final.parent, 40)
+    codec = load_codec(final, None, torch.float32)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    latents = codec.encode(images)
+    assert latents.shape == (1, 4, 4, 4)
+    assert codec.decode(latents).shape == images.shape
+
+
+def test_teacher_learns_resumes_and_loads_as_a_3_pass_editor(stages: dict[str, Path]) -> None:
+    final = stages["teacher"]
+    assert_falls(final.parent, "loss")
+    assert_log_is_contiguous(final.parent, 40)
+    model = EditorModel.from_pretrained(final, prompt_encoder=hash_encoder())
+    assert not model.config.distilled
+    assert model.schedule.prediction_type == "sample"
+    assert model.schedule.scheduler_config["timestep_spacing"] == "trailing"
+    assert model.schedule.scheduler_config["clip_sample"] is False
+    assert model.unet.unet.config.cross_attention_dim == PROMPTS["hash_dim"]
+
+
+def test_guidance_distill_learns_resumes_and_loads_as_a_one_pass_editor(stages: dict[str, Path]) -> None:
+    final = stages["guidance_distill"]
+    assert_falls(final.parent, "loss")
+    assert_log_is_contiguous(final.parent, 30)
+    model = EditorModel.from_pretrained(final, prompt_encoder=hash_encoder())
+    assert model.config.distilled and model.config.guidance_embedding_dim == 8
+    assert model.unet.unet.config.time_cond_proj_dim == 16
+
+
+def _edit(editor: Editor, frame: np.ndarray, text_guidance: float) -> np.ndarray:
+    params = EditParams(prompt="invert the colors", text_guidance=text_guidance, image_guidance=1.0)
+    request = EditRequest(frame, editor.encode_prompt(params.prompt), params, StreamState(seed=1))
+    return editor.edit([request])[0].frame
+
+
+def test_adversarial_student_learns_resumes_and_runs_in_the_service_editor(stages: dict[str, Path]) -> None:
+    final = stages["adversarial_distill"]
+    assert_falls(final.parent, "mse")
+    assert_log_is_contiguous(final.parent, 30)
+    log = read_loss_log(final.parent)
+    assert all(np.isfinite(row["d_loss"]) for row in log)
+    assert any(row["r1"] > 0 for row in log), "the lazy R1 penalty never ran"
+    model = EditorModel.from_pretrained(final, prompt_encoder=hash_encoder())
+    assert model.config.distilled and model.config.resolution == 64
+    editor = Editor(TorchBackend(model), model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    weak, strong = _edit(editor, frame, 0.0), _edit(editor, frame, 3.0)
+    assert weak.shape == frame.shape and weak.dtype == np.uint8
+    assert not np.array_equal(weak, strong), "s_T has no effect on the one-step student"
+
+
+def test_resumed_run_matches_an_uninterrupted_one_exactly(stages: dict[str, Path], tmp_path: Path) -> None:
+    def config(out: Path) -> TeacherConfig:
+        return TeacherConfig.model_validate(
+            tiny(out, 6, autoencoder=stages["autoencoder"], unet=TINY_UNET, prompts=PROMPTS, edits=EDITS)
+        )
+
+    train_teacher(config(tmp_path / "straight"))
+    interrupted_then_resumed(train_teacher, config(tmp_path / "resumed"), 3)
+    a = torch.load(checkpoint_paths(tmp_path / "straight")[-1], weights_only=False)
+    b = torch.load(checkpoint_paths(tmp_path / "resumed")[-1], weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for name in ("unet", "ema"):
+        for key, value in a["modules"][name].items():
+            assert torch.equal(value, b["modules"][name][key]), f"{name}.{key} differs after resuming"
+    assert [r["loss"] for r in read_loss_log(tmp_path / "straight")] == [
+        r["loss"] for r in read_loss_log(tmp_path / "resumed")
+    ]
+    saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert saved["steps"] == 6
+
+
+def test_conditioning_dropout_rates_are_disjoint_5_5_5() -> None:
+    text, image = conditioning_dropout(np.random.default_rng(0), 200_000, 0.05, 0.05, 0.05)
+    both = text & image
+    assert abs(float(both.float().mean()) - 0.05) < 0.003
+    assert abs(float((text & ~image).float().mean()) - 0.05) < 0.003
+    assert abs(float((image & ~text).float().mean()) - 0.05) < 0.003
+    t = sample_timesteps(np.random.default_rng(0), 100_000, 1000, 0.1)
+    assert 0 <= int(t.min()) and int(t.max()) == 999
+    assert abs(float((t == 999).float().mean()) - 0.1) < 0.005
+
+
+def test_logit_normal_renoising_favours_low_noise() -> None:
+    t = logit_normal_timesteps(np.random.default_rng(0), 100_000, 1000, -1.0, 1.0)
+    assert 0 <= int(t.min()) and int(t.max()) <= 999
+    assert abs(float(t.float().median()) - 999 / (1 + np.e)) < 10  # sigmoid(-1) of the range
+
+
+def test_discriminator_sees_the_unets_own_encoder_features_and_trains_only_its_heads() -> None:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNetSpec(**TINY_UNET).diffusers_config(16))
+    captured: list[torch.Tensor] = []
+    unet.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    sample, t, ctx = torch.randn(2, 8, 8, 8), torch.tensor([10, 900]), torch.randn(2, 4, 16)
+    guidance = torch.tensor([[1.0, 1.0], [2.0, 1.5]])
+    unet(sample, t, encoder_hidden_states=ctx)
+    encoder = FrozenUNetEncoder(unet, None, 1000.0)
+    features = encoder(sample, t, ctx, guidance)
+    assert [f.shape[1] for f in features] == encoder.channels == [16, 32, 32]
+    torch.testing.assert_close(features[-1], captured[0])
+    heads = DiscriminatorHeads(encoder.channels, prompt_dim=16, hidden=8)
+    real = [f.detach().requires_grad_(True) for f in features]
+    logits = heads(real, t, guidance, ctx)
+    assert logits.shape == (2, 3)
+    penalty = r1_penalty(logits, real)
+    assert float(penalty.detach()) > 0
+    penalty.backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+
+
+def test_psnr_and_ssim_score_identity_best() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    noisy = np.clip(image.astype(int) + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+    assert psnr(image, image) == 100.0 and abs(ssim(image, image) - 1.0) < 1e-9
+    assert 20 < psnr(image, noisy) < 40
+    assert ssim(image, 255 - image) < ssim(image, noisy) < 1.0
+
+
+def test_evaluation_report_covers_every_edit_and_stage(stages: dict[str, Path], tmp_path: Path) -> None:
+    config = EvaluateConfig.model_validate(
+        {
+            "output_dir": tmp_path / "report",
+            "student": stages["adversarial_distill"],
+            "guidance_student": stages["guidance_distill"],
+            "teacher": stages["teacher"],
+            "data": tiny(tmp_path, 2)["data"],
+            "prompts": PROMPTS,
+            "edits": EDITS,
+            "resolution": 64,
+            "guidance_student_steps": 2,
+            "teacher_steps": 2,
+            "sweep_text_guidance": [0.0, 1.0, 2.0],
+            "sweep_image_guidance": [1.0, 2.0],
+            "grid_tile": 32,
+            "timing_repeats": 1,
+            "threads": 1,
+        }
+    )
+    report = evaluate(config)
+    results = json.loads((report.parent / "results.json").read_text())
+    assert set(results["per_edit"]) == set(EDITS)
+    assert results["methods"] == [
+        "one-step student",
+        "guidance-distilled, 2 steps",
+        "teacher, 2 steps x 3 passes",
+    ]
+    for row in results["per_edit"].values():
+        for method in ("input", *results["methods"]):
+            assert 0 < row[method]["psnr"] <= 100 and -1 <= row[method]["ssim"] <= 1
+    assert results["timings"]["teacher, 2 steps x 3 passes"]["unet_calls"] == 2
+    assert results["timings"]["one-step student"]["passes"] == 1
+    for name in EDITS:
+        assert len(results["sweep"]["strength_by_text_guidance"][name]) == 3
+        with Image.open(report.parent / "grids" / f"{name}.png") as grid:
+            assert grid.size == (4 * 32, config.grid_frames * 32)
+    text = report.read_text()
+    assert "Acceptance checks" in text and "negative" in text
