@@ -43,6 +43,15 @@ class EditorConfig(BaseModel):
         "space: 1/0.18215 for a stock InstructPix2Pix UNet, 1.0 for models trained on TAESD latents.",
     )
 
+    default_text_guidance: float = Field(7.5, ge=0, le=20, description="s_T a new session starts with.")
+    default_image_guidance: float = Field(1.5, ge=0, le=5, description="s_I a new session starts with.")
+    trained_text_guidance: tuple[float, float] = Field(
+        (0.0, 20.0), description="The s_T range the model was trained on (a client's slider range)."
+    )
+    trained_image_guidance: tuple[float, float] = Field(
+        (0.0, 5.0), description="The s_I range the model was trained on (a client's slider range)."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> EditorConfig:
         if self.resolution % 8:

@@ -11,8 +11,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.base import Backend, BackendUnavailable
+from engines.config import EditorConfig
 from engines.editor import Editor
 from engines.model import DEFAULT_MODEL_DIR, EditorModel
+from engines.params import EditParams
 from engines.text import CachedPromptEncoder
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,11 @@ def load_editor(spec: EngineSpec) -> Editor:
 
 
 PRESETS_NAME = "presets.json"
+
+
+def default_params(config: EditorConfig) -> EditParams:
+    """The params a new session starts with: EditParams' defaults with the model's own guidance strengths."""
+    return EditParams(text_guidance=config.default_text_guidance, image_guidance=config.default_image_guidance)
 
 
 def load_presets(folder: Path | None) -> list[dict[str, str]]:

@@ -13,8 +13,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from engines.config import EditorConfig
 from engines.editor import EditRequest
-from engines.loader import EngineSpec, load_editor, load_presets
+from engines.loader import EngineSpec, default_params, load_editor, load_presets
+from engines.model import DEFAULT_MODEL_DIR
 from engines.params import EditParams
 from engines.temporal import StreamState
 from engines.worker import BatchEditor, EngineWorker
@@ -82,6 +84,12 @@ def create_app(settings: Settings | None = None, editor_factory: EditorFactory |
         state = app.state
         state.settings, state.metrics, state.registry, state.engine_error = settings, ServiceMetrics(), None, None
         state.presets = load_presets(settings.weights)
+        model_config = EditorConfig.load(settings.weights or DEFAULT_MODEL_DIR)
+        state.default_params = default_params(model_config)
+        state.guidance_ranges = {
+            "text_guidance": list(model_config.trained_text_guidance),
+            "image_guidance": list(model_config.trained_image_guidance),
+        }
         worker: EngineWorker | None = None
         tasks: list[asyncio.Task[None]] = []
 

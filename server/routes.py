@@ -71,16 +71,21 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/presets", tags=["sessions"])
-async def presets(request: Request) -> dict[str, list[dict[str, str]]]:
-    """The edits the loaded model was trained for, as one-click prompts."""
-    return {"presets": request.app.state.presets}
+async def presets(request: Request) -> dict[str, object]:
+    """The loaded model's edits as one-click prompts, the params a session starts with, and the guidance ranges
+    it was trained on (beyond them an edit extrapolates)."""
+    state = request.app.state
+    return {"presets": state.presets, "defaults": state.default_params.model_dump(), "ranges": state.guidance_ranges}
 
 
 @router.post("/v1/sessions", status_code=201, response_model=AnswerResponse, tags=["sessions"])
 async def create_session(request: Request, offer: OfferRequest) -> AnswerResponse:
     """Open a session from a complete SDP offer; the answer carries the edited video track."""
     registry = registry_of(request)
-    session, answer = await registry.create(offer.sdp, offer.edit or EditParams())
+    params = request.app.state.default_params
+    if offer.edit is not None:  # the fields the client gave, over the model's defaults
+        params = EditParams.model_validate({**params.model_dump(), **offer.edit.model_dump(exclude_unset=True)})
+    session, answer = await registry.create(offer.sdp, params)
     return AnswerResponse(session_id=session.id, token=session.token, sdp=answer.sdp, edit=session.params)
 
 

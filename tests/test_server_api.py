@@ -192,3 +192,16 @@ async def test_ice_binds_inside_the_configured_udp_port_range(editor, clip_frame
         ports = [int(line.split()[5]) for line in answer.splitlines() if line.startswith("a=candidate:")]
         assert ports and all(41000 <= p <= 41031 for p in ports), ports
         assert all(" 127.0.0.1 " in line for line in answer.splitlines() if line.startswith("a=candidate:"))
+
+
+async def test_sessions_start_from_the_models_defaults_and_presets_say_them(editor, clip_frames) -> None:
+    async with running_server(editor) as srv:
+        info = (await srv.http.get(f"{srv.url}/v1/presets")).json()
+        defaults, ranges = info["defaults"], info["ranges"]
+        assert set(ranges) == {"text_guidance", "image_guidance"}
+        assert ranges["text_guidance"][0] <= defaults["text_guidance"] <= ranges["text_guidance"][1]
+        assert isinstance(info["presets"], list)
+        session = await srv.open_session(clip_frames, edit={"prompt": "make it sepia", "seed": 4})
+        assert session.edit["prompt"] == "make it sepia" and session.edit["seed"] == 4
+        assert session.edit["text_guidance"] == defaults["text_guidance"]
+        assert session.edit["image_guidance"] == defaults["image_guidance"]
