@@ -39,6 +39,8 @@ function describe(status, data) {
   return `HTTP ${status}`;
 }
 
+const TIMEOUT_MS = 10000;
+
 async function request(method, path, { body, token, keepalive = false } = {}) {
   const headers = {};
   if (body !== undefined) headers['Content-Type'] = 'application/json';
@@ -51,9 +53,11 @@ async function request(method, path, { body, token, keepalive = false } = {}) {
       body: body === undefined ? undefined : JSON.stringify(body),
       keepalive,
       cache: 'no-store',
+      signal: AbortSignal.timeout(TIMEOUT_MS),
     });
-  } catch {
-    throw new ApiError(0, 'The server cannot be reached.');
+  } catch (error) {
+    const late = error.name === 'TimeoutError';
+    throw new ApiError(0, late ? `the server did not answer within ${TIMEOUT_MS / 1000} s` : 'the server cannot be reached');
   }
   if (response.status === 204) return null;
   const data = await response.json().catch(() => null);

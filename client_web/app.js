@@ -56,6 +56,10 @@ const state = {
 // ---------------------------------------------------------------------------------------------------------------
 // Messages and status
 
+/**
+ * Show (or update) the message box `key`. `text` is a string, or a function of the seconds left when
+ * `countdown` is given: the box then counts down once a second.
+ */
 function showMessage(kind, text, { key = kind, countdown = null } = {}) {
   let box = ui.messages.querySelector(`[data-key="${key}"]`);
   if (!box) {
@@ -73,10 +77,11 @@ function showMessage(kind, text, { key = kind, countdown = null } = {}) {
     line.textContent = text;
     return;
   }
-  let left = countdown;
+  const ends = Date.now() + countdown * 1000;
   const tick = () => {
-    line.textContent = text.replace('{s}', String(left));
-    if (left-- <= 0) clearInterval(box.timer);
+    const left = Math.max(0, Math.ceil((ends - Date.now()) / 1000));
+    line.textContent = text(left);
+    if (left === 0) clearInterval(box.timer);
   };
   tick();
   box.timer = setInterval(tick, 1000);
@@ -98,12 +103,13 @@ function setStatus(stateName, text) {
 function setPhase(phase) {
   state.phase = phase;
   ui.start.disabled = phase !== 'idle';
-  ui.stop.disabled = phase === 'idle';
+  ui.stop.disabled = phase === 'idle' || phase === 'stopping';
   ui.start.textContent = phase === 'starting' ? 'Starting…' : 'Start';
   ui.stats.hidden = phase !== 'live';
   document.body.dataset.phase = phase;
   if (phase === 'idle') setStatus('idle', 'Idle');
   if (phase === 'starting') setStatus('busy', 'Connecting…');
+  if (phase === 'stopping') setStatus('busy', 'Stopping…');
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -361,7 +367,7 @@ async function fitSendSize() {
 
 function describeFailure(error) {
   if (!(error instanceof ApiError)) return error.message || String(error);
-  if (error.status === 0) return 'the server cannot be reached';
+  if (error.status === 0) return error.message;
   return `${error.status}: ${error.message}`;
 }
 
@@ -436,12 +442,13 @@ async function start() {
 
 function sessionRefused(error) {
   if (error instanceof ApiError && error.status === 503) {
-    const wait = error.retryAfter;
-    const text =
-      wait === null
-        ? 'The server is full right now. Try again in a little while.'
-        : 'The server is full right now. Try again in {s} s.';
-    showMessage('warning', text, { key: 'full', countdown: wait });
+    const full = 'The server is full right now.';
+    if (error.retryAfter === null) {
+      showMessage('warning', `${full} Try again in a little while.`, { key: 'full' });
+    } else {
+      const text = (left) => (left > 0 ? `${full} Try again in ${left} s.` : `${full} Try again now.`);
+      showMessage('warning', text, { key: 'full', countdown: error.retryAfter });
+    }
   } else if (error instanceof ApiError && (error.status === 400 || error.status === 422)) {
     showMessage('error', `The server did not accept the session: ${error.message}`, { key: 'session' });
   } else if (error instanceof ApiError) {
@@ -495,21 +502,27 @@ async function stop({ reason = null } = {}) {
   clearInterval(state.poller);
   clearTimeout(state.connectTimer);
   patcher.reset();
-  pc?.close();
   stream?.getTracks().forEach((t) => t.stop());
   ui.preview.srcObject = null;
   ui.output.srcObject = null;
   ui.outputPrompt.textContent = '';
-  setPhase('idle');
   clearMessage('connection');
   if (reason) showMessage('warning', reason, { key: 'session' });
   if (session) {
+    // End the session before closing the connection: the server then frees it on our word, not by noticing
+    // the peer went away, and a new Start is not refused while the old session still holds its slot.
+    setPhase('stopping');
     try {
       await api.deleteSession(session.id, session.token);
     } catch (error) {
-      if (error.status !== 404) showMessage('warning', `The server did not confirm the end of the session (${describeFailure(error)}).`, { key: 'session' });
+      if (error.status !== 404) {
+        const text = `The server did not confirm the end of the session (${describeFailure(error)}).`;
+        showMessage('warning', text, { key: 'session' });
+      }
     }
   }
+  pc?.close();
+  setPhase('idle');
 }
 
 /** On leaving the page, end the session; keepalive lets the request outlive the page. */
@@ -518,7 +531,6 @@ function endOnUnload() {
   if (!session) return;
   state.session = null;
   api.deleteSession(session.id, session.token, { keepalive: true }).catch(() => {});
-  state.pc?.close();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
