@@ -1,0 +1,271 @@
+"""Temporal-reuse benchmark: flicker and UNet calls per second on real clips, each reuse mechanism on and off.
+
+Run from the repository root:  .venv/bin/python bench/bench_temporal.py
+Writes bench/results/temporal_cpu_<date>.md and .json. Clips: Sample videos by Intel Corporation
+(intel-iot-devkit/sample-videos), CC BY 4.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from benchlib import command_line, machine_info, machine_markdown, table, write_results
+from PIL import Image
+
+from engines.editor import Editor, EditRequest
+from engines.loader import EngineSpec, load_editor
+from engines.params import EditParams
+from engines.temporal import StreamState, flicker
+
+ATTRIBUTION = "Sample videos by Intel Corporation (intel-iot-devkit/sample-videos), CC BY 4.0"
+DEFAULT_CLIPS = ["asl_book.mkv", "asl_again.mkv", "person_walk.mp4"]
+_HERE = Path(__file__).resolve()
+MEDIA = next(
+    (p for p in (_HERE.parents[2] / "shared" / "media", _HERE.parents[1] / "shared" / "media") if p.is_dir()),
+    _HERE.parents[2] / "shared" / "media",
+)
+
+# Each mechanism alone, none, and all together; everything else at EditParams' defaults.
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "all off": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": False},
+    "fixed noise": {"fixed_noise": True, "latent_feedback": 0.0, "similarity_skip": False},
+    "latent feedback 0.5": {"fixed_noise": False, "latent_feedback": 0.5, "similarity_skip": False},
+    "similarity skip": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": True},
+    "all on": {"fixed_noise": True, "latent_feedback": 0.5, "similarity_skip": True},
+}
+
+
+def load_frames(path: Path, count: int, stride: int, size: int) -> tuple[list[np.ndarray], float]:
+    """The first `count` frames (every `stride`-th), centre-cropped square and resized; and the clip's fps."""
+    frames: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 30)
+        for index, frame in enumerate(container.decode(stream)):
+            if index % stride:
+                continue
+            rgb = frame.to_ndarray(format="rgb24")
+            h, w = rgb.shape[:2]
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            square = Image.fromarray(rgb[top : top + side, left : left + side])
+            frames.append(np.asarray(square.resize((size, size), Image.Resampling.BILINEAR)))
+            if len(frames) == count:
+                break
+    if len(frames) < 2:
+        raise ValueError(f"{path} gave {len(frames)} frames; need at least 2")
+    return frames, fps
+
+
+def mean_step_change(frames: list[np.ndarray]) -> float:
+    """mean |F_t − F_{t−1}| in 8-bit levels (flicker's numerator for outputs, denominator for inputs)."""
+    steps = [
+        np.abs(b.astype(np.float32) - a.astype(np.float32)).mean() for a, b in zip(frames, frames[1:], strict=False)
+    ]
+    return float(np.mean(steps))
+
+
+def run_clip(
+    editor: Editor, frames: list[np.ndarray], params: EditParams, context: torch.Tensor
+) -> tuple[list[np.ndarray], int, int, float]:
+    """Edit a clip frame by frame as one session would; (outputs, UNet rows, skipped frames, seconds)."""
+    state = StreamState(params.seed)
+    outputs, skipped = [], 0
+    rows_before = editor.unet_rows
+    started = time.perf_counter()
+    for frame in frames:
+        result = editor.edit([EditRequest(frame, context, params, state)])[0]
+        outputs.append(result.frame)
+        skipped += result.skipped
+    return outputs, editor.unet_rows - rows_before, skipped, time.perf_counter() - started
+
+
+def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
+    parts = [machine_markdown(machine, command)]
+    if data["weights_status"] != "trained":
+        parts.append(
+            "> **The weights are UNTRAINED PLACEHOLDERS** (`engines/default_model` as of this run, fingerprint "
+            f"`{data['fingerprint']}`). This run is a smoke test of the measuring machinery: the flicker numbers "
+            "say nothing about the edit's quality and will be re-measured when trained weights land. UNet calls "
+            "per second do not depend on the weights, except through the similarity skip's latents.\n"
+        )
+    parts.append(
+        f"Clips: {', '.join(data['clips'])} from `shared/media` — {ATTRIBUTION}. {data['frames']} frames each "
+        f"(every {data['stride']}), centre-cropped and resized to {data['resolution']}², edited one at a time as "
+        f'one session would, backend `{data["backend"]}`, prompt "{data["prompt"]}", s_T {data["text_guidance"]}, '
+        f"s_I {data['image_guidance']}, seed {data['seed']}.\n\n"
+        "Flicker (`engines.temporal.flicker`): mean |O_t − O_{t−1}| / mean |I_t − I_{t−1}|; 1 = the output "
+        "changes as much as the camera frame, lower is steadier. UNet calls per video second: UNet rows run / "
+        "seconds of video covered. Mechanisms not named are off; the similarity skip uses the default threshold "
+        f"{EditParams().skip_threshold} and at most {EditParams().max_skipped_frames} skips in a row.\n"
+    )
+    baseline = data["summary"]["all off"]["flicker_mean"]
+    rows = []
+    for name, s in data["summary"].items():
+        rows.append(
+            [
+                name,
+                f"{s['flicker_mean']:.4g}",
+                f"{s['flicker_mean'] / baseline:.4g}" if baseline > 0 else "n/a",
+                f"{s['unet_calls']}/{s['frames']}",
+                f"{s['unet_calls_per_video_s']:.1f}",
+                f"{s['unet_calls_per_wall_s']:.1f}",
+                f"{s['ms_per_frame']:.1f}",
+            ]
+        )
+    parts.append("## Summary (mean over clips)\n")
+    parts.append(
+        table(
+            [
+                "mechanism",
+                "flicker",
+                "vs all off",
+                "UNet calls / frames",
+                "UNet calls per video s",
+                "UNet calls per wall s",
+                "ms per frame",
+            ],
+            rows,
+        )
+        + "\n"
+    )
+    parts.append("## Per clip\n")
+    rows = [
+        [
+            r["clip"],
+            r["mechanism"],
+            f"{r['flicker']:.4g}",
+            f"{r['input_step_change']:.2f}",
+            f"{r['output_step_change']:.3g}",
+            f"{r['unet_calls']}/{r['frames']}",
+            str(r["skipped"]),
+            f"{r['unet_calls_per_video_s']:.1f}",
+            f"{1000 * r['seconds'] / r['frames']:.1f}",
+        ]
+        for r in data["runs"]
+    ]
+    parts.append(
+        table(
+            [
+                "clip",
+                "mechanism",
+                "flicker",
+                "mean abs ΔI",
+                "mean abs ΔO",
+                "UNet calls / frames",
+                "skipped",
+                "calls per video s",
+                "ms/frame",
+            ],
+            rows,
+        )
+    )
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped default)")
+    parser.add_argument(
+        "--weights-status",
+        choices=("untrained-placeholder", "trained"),
+        default="untrained-placeholder",
+        help="say which in the results (the shipped default holds placeholders until training lands)",
+    )
+    parser.add_argument("--media", type=Path, default=MEDIA, help="folder of the clips")
+    parser.add_argument("--clips", nargs="+", default=DEFAULT_CLIPS)
+    parser.add_argument("--frames", type=int, default=24, help="frames per clip")
+    parser.add_argument("--stride", type=int, default=1, help="use every n-th frame of the clip")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="onnxruntime")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 suits a shared machine)")
+    parser.add_argument("--prompt", default=EditParams().prompt)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    machine = machine_info()
+    command = command_line()
+    editor = load_editor(EngineSpec(weights=args.weights, backend=args.backend, threads=args.threads))
+    from engines.model import DEFAULT_MODEL_DIR, folder_fingerprint
+
+    fingerprint = folder_fingerprint(args.weights or DEFAULT_MODEL_DIR)
+    context = editor.encode_prompt(args.prompt)
+    runs: list[dict[str, Any]] = []
+    for clip in args.clips:
+        frames, fps = load_frames(args.media / clip, args.frames, args.stride, editor.resolution)
+        video_s = len(frames) * args.stride / fps
+        for name, switches in MECHANISMS.items():
+            params = EditParams(prompt=args.prompt, **switches)
+            outputs, calls, skipped, seconds = run_clip(editor, frames, params, context)
+            runs.append(
+                {
+                    "clip": clip,
+                    "mechanism": name,
+                    "frames": len(frames),
+                    "fps": fps,
+                    "flicker": flicker(frames, outputs),
+                    "input_step_change": mean_step_change(frames),
+                    "output_step_change": mean_step_change(outputs),
+                    "unet_calls": calls,
+                    "skipped": skipped,
+                    "seconds": seconds,
+                    "unet_calls_per_video_s": calls / video_s,
+                    "unet_calls_per_wall_s": calls / seconds,
+                }
+            )
+            print(
+                f"{clip:16s} {name:20s} flicker {runs[-1]['flicker']:.4g}  UNet {calls}/{len(frames)}  "
+                f"{1000 * seconds / len(frames):.0f} ms/frame",
+                flush=True,
+            )
+    summary = {}
+    for name in MECHANISMS:
+        mine = [r for r in runs if r["mechanism"] == name]
+        calls, frames_n = sum(r["unet_calls"] for r in mine), sum(r["frames"] for r in mine)
+        seconds = sum(r["seconds"] for r in mine)
+        summary[name] = {
+            "flicker_mean": statistics.mean(r["flicker"] for r in mine),
+            "unet_calls": calls,
+            "frames": frames_n,
+            "unet_calls_per_video_s": statistics.mean(r["unet_calls_per_video_s"] for r in mine),
+            "unet_calls_per_wall_s": calls / seconds,
+            "ms_per_frame": 1000 * seconds / frames_n,
+        }
+    machine["loadavg_at_end"] = list(os.getloadavg())
+    data = {
+        "weights_status": args.weights_status,
+        "weights": str(args.weights or DEFAULT_MODEL_DIR),
+        "fingerprint": fingerprint,
+        "clips": args.clips,
+        "attribution": ATTRIBUTION,
+        "frames": args.frames,
+        "stride": args.stride,
+        "resolution": editor.resolution,
+        "backend": args.backend,
+        "prompt": args.prompt,
+        "text_guidance": EditParams().text_guidance,
+        "image_guidance": EditParams().image_guidance,
+        "seed": EditParams().seed,
+        "mechanisms": MECHANISMS,
+        "summary": summary,
+        "runs": runs,
+    }
+    md, js = write_results(
+        "temporal_cpu",
+        "Temporal reuse benchmark (CPU)",
+        report(machine, command, data),
+        {"machine": machine, "command": command, **data},
+    )
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

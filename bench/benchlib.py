@@ -1,0 +1,109 @@
+"""Shared benchmark plumbing: machine description, interleaved timing, FLOP counting and result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, including how busy the machine was (it may be shared)."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+
+
+def command_line() -> str:
+    """The command as typed from the repository root (the interpreter relative to it where it lives inside)."""
+    python = Path(sys.executable)
+    try:
+        shown = str(python.relative_to(Path.cwd()))
+    except ValueError:
+        shown = python.name
+    return shlex.join([shown, *sys.argv])
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call (torch's FlopCounterMode: 2 per multiply-add, convolutions, matmuls and attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin so that load from other processes hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1000 * statistics.median(samples)
+
+
+def write_results(stem: str, title: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
+    """Write bench/results/<stem>_<date>.md and .json; returns their paths."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    date = dt.date.today().isoformat()
+    md_path = RESULTS_DIR / f"{stem}_{date}.md"
+    json_path = RESULTS_DIR / f"{stem}_{date}.json"
+    md_path.write_text(f"# {title}\n\n{markdown.strip()}\n")
+    json_path.write_text(json.dumps({"date": date, **data}, indent=2, default=str) + "\n")
+    return md_path, json_path
+
+
+def machine_markdown(machine: dict[str, Any], command: str) -> str:
+    load = ", ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
+    end = machine.get("loadavg_at_end")
+    load_end = f"; at the end {', '.join(f'{x:.2f}' for x in end)}" if end else ""
+    return (
+        f"- date: {dt.date.today().isoformat()}\n"
+        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']} with "
+        f"{machine['torch_threads']} threads, Python {machine['python']}\n"
+        f"- load average at the start: {load}{load_end} (a shared machine: absolute times are noisy, "
+        "ratios were measured round-robin in one run)\n"
+        f"- command: `{command}`\n"
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
