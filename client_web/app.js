@@ -251,28 +251,58 @@ function choosePrompt(prompt) {
   changeParam('prompt', prompt, 0);
 }
 
-async function loadPresets() {
+/** The smallest of 1, 2, 5 × 10^k that cuts `span` into at most 50 steps. */
+function niceStep(span) {
+  const rough = span / 50;
+  const power = 10 ** Math.floor(Math.log10(rough));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((candidate) => candidate >= rough);
+  return Number(step.toPrecision(1));
+}
+
+/** Fit a guidance slider to the range the model was trained on (the API accepts more; beyond it edits extrapolate). */
+function fitSlider(name, [low, high]) {
+  const input = $(name);
+  if (!input || !(high > low)) return;
+  const value = input.value;
+  Object.assign(input, { min: String(low), max: String(high), step: String(niceStep(high - low)) });
+  input.value = value; // re-clamped to the new range and step
+  showValue(name);
+}
+
+function renderPresets(presets) {
+  ui.presets.replaceChildren(
+    ...presets.map((preset) => {
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'preset';
+      button.textContent = preset.name;
+      button.title = preset.prompt;
+      button.dataset.prompt = preset.prompt;
+      button.setAttribute('aria-pressed', 'false');
+      button.addEventListener('click', () => choosePrompt(preset.prompt));
+      return button;
+    }),
+  );
+}
+
+/** The model's presets, the params a session starts with, and its trained guidance ranges (GET /v1/presets). */
+async function loadModelInfo() {
+  let info;
   try {
-    const { presets } = await api.presets();
-    ui.presets.replaceChildren(
-      ...presets.map((preset) => {
-        const button = document.createElement('button');
-        button.type = 'button';
-        button.className = 'preset';
-        button.textContent = preset.name;
-        button.title = preset.prompt;
-        button.dataset.prompt = preset.prompt;
-        button.setAttribute('aria-pressed', 'false');
-        button.addEventListener('click', () => choosePrompt(preset.prompt));
-        return button;
-      }),
-    );
-    markPreset(ui.prompt.value);
+    info = await api.presets();
   } catch (error) {
-    showMessage('warning', `Preset instructions are unavailable (${describeFailure(error)}); free text still works.`, {
-      key: 'presets',
-    });
+    const text = `Preset instructions are unavailable (${describeFailure(error)}); free text still works.`;
+    showMessage('warning', text, { key: 'presets' });
+    return;
   }
+  renderPresets(info.presets ?? []);
+  for (const [name, range] of Object.entries(info.ranges ?? {})) fitSlider(name, range);
+  if (info.defaults && !state.session) {
+    // Show what a new session will start with, except what the person already changed.
+    const untouched = Object.entries(info.defaults).filter(([name]) => !state.touched.has(name));
+    applyEffective(Object.fromEntries(untouched));
+  }
+  markPreset(ui.prompt.value);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -584,7 +614,7 @@ function init() {
   navigator.mediaDevices?.addEventListener?.('devicechange', () => refreshCameras().catch(() => {}));
   window.addEventListener('pagehide', endOnUnload);
   refreshCameras().catch(() => {});
-  loadPresets();
+  loadModelInfo();
 }
 
 init();

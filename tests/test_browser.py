@@ -335,6 +335,17 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     page.goto(server.base + "/")
     presets = page.locator("#presets button.preset")
     presets.first.wait_for()
+    # The controls show what a new session starts with, on sliders sized to the model's trained range.
+    model = httpx.get(f"{server.base}/v1/presets", timeout=5).json()
+    assert presets.count() == len(model["presets"])
+    for name, (low, high) in model.get("ranges", {}).items():
+        slider = page.locator(f"#{name}")
+        assert (float(slider.get_attribute("min") or "nan"), float(slider.get_attribute("max") or "nan")) == (low, high)
+    for name, value in model.get("defaults", {}).items():
+        if isinstance(value, bool):
+            assert page.is_checked(f"#{name}") == value, name
+        else:
+            assert page.input_value(f"#{name}") == str(value) or float(page.input_value(f"#{name}")) == value, name
 
     # Start: the session is created and edited frames come back and are decoded.
     with page.expect_response(lambda r: r.url.endswith("/v1/sessions") and r.request.method == "POST") as created:
@@ -381,18 +392,24 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
         assert change > max(3 * motion, 2.0), f"output barely changed: {change:.2f} vs clip motion {motion:.2f}"
 
     # Slider: three key presses move s_T by three steps; a debounced PATCH carries it and the server applies it.
-    start_value = float(page.input_value("#text_guidance"))
-    page.focus("#text_guidance")
+    slider = page.locator("#text_guidance")
+    low, high, step, start_value = (float(slider.evaluate(f"e => e.{k}")) for k in ("min", "max", "step", "value"))
+    direction = 1 if start_value + 3 * step <= high + 1e-9 else -1
+    expected = round(start_value + direction * 3 * step, 6)
+    assert low - 1e-9 <= expected <= high + 1e-9
+    slider.focus()
     for _ in range(3):
-        page.keyboard.press("ArrowRight")
-    expected = start_value + 3 * float(page.get_attribute("#text_guidance", "step") or 1)
-    assert page.inner_text("#text_guidance-value") == f"{expected:g}"
+        page.keyboard.press("ArrowRight" if direction > 0 else "ArrowLeft")
+    assert float(page.inner_text("#text_guidance-value")) == pytest.approx(expected)
     wait_until(
-        page, lambda: session_edit(server, session_id)["text_guidance"] == expected, 10, "s_T to reach the server"
+        page,
+        lambda: session_edit(server, session_id)["text_guidance"] == pytest.approx(expected),
+        10,
+        "s_T to reach the server",
     )
     page.wait_for_timeout(300)  # let Playwright deliver the request events
     guidance_patches = [p for p in patches if "text_guidance" in p]
-    assert guidance_patches and guidance_patches[-1]["text_guidance"] == expected, patches
+    assert guidance_patches and guidance_patches[-1]["text_guidance"] == pytest.approx(expected), patches
     assert len(guidance_patches) <= 3  # debounced: not one request per step needed
 
     page.wait_for_timeout(1500)  # a fresh stats poll for the screenshot
