@@ -465,3 +465,28 @@ def test_page_explains_server_errors(server: Server, page: Any) -> None:
     page.locator(".message.error", has_text="Server error").wait_for()
     assert "engine exploded" in page.inner_text("#messages")
     assert page.locator("#start").is_enabled()
+
+
+def test_page_explains_a_failed_connection(server: Server, page: Any) -> None:
+    """Offer and answer without ICE candidates can never connect: the page says so and ends the session."""
+    created: list[str] = []
+
+    def no_candidates(sdp: str) -> str:
+        return "\r\n".join(line for line in sdp.split("\r\n") if not line.startswith("a=candidate:"))
+
+    def signal_without_candidates(route: Any) -> None:
+        offer = json.loads(route.request.post_data or "{}")
+        offer["sdp"] = no_candidates(offer["sdp"])
+        response = route.fetch(post_data=json.dumps(offer))
+        answer = response.json()
+        created.append(answer["session_id"])
+        answer["sdp"] = no_candidates(answer["sdp"])
+        route.fulfill(response=response, json=answer)
+
+    page.route("**/v1/sessions", signal_without_candidates)
+    page.goto(server.base + "/")
+    page.click("#start")
+    page.locator(".message.error", has_text="Connection failed").wait_for(timeout=40_000)
+    page.wait_for_selector("#status[data-state='idle']")
+    assert created, "the offer never reached the server"
+    assert httpx.get(f"{server.base}/v1/sessions/{created[0]}", timeout=5).status_code == 404
