@@ -412,6 +412,14 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     assert guidance_patches and guidance_patches[-1]["text_guidance"] == pytest.approx(expected), patches
     assert len(guidance_patches) <= 3  # debounced: not one request per step needed
 
+    # Free text: typing an instruction and pressing Enter applies it; no preset stays highlighted.
+    page.fill("#prompt", "make it look like a neon sign")
+    with page.expect_response(lambda r: r.request.method == "PATCH") as patched:
+        page.press("#prompt", "Enter")
+    assert patched.value.status == 200 and patched.value.json()["edit"]["prompt"] == "make it look like a neon sign"
+    assert page.locator("#presets button[aria-pressed='true']").count() == 0
+    target.click()  # back to the preset for the screenshot
+
     page.wait_for_timeout(1500)  # a fresh stats poll for the screenshot
     save_screenshot(page)
 
