@@ -28,4 +28,4 @@ if ! "$PYTHON" -c "import playwright.sync_api" >/dev/null 2>&1; then
 fi
 
 /usr/bin/chromium --version
-"$PYTHON" -c "import playwright; print('playwright', playwright.__version__)"
+"$PYTHON" -c "from importlib.metadata import version; print('playwright', version('playwright'))"
