@@ -319,9 +319,9 @@ def report(machine: dict[str, Any], command: str, results: dict[str, Any]) -> st
     by_res = {r["resolution"]: r for r in results["guidance"]}
     parts.append(
         "Reading it: the FLOPs ratio is the bar's measure (MoViE: 16.10 → 5.50 TFLOPs for this stage). CPU "
-        "latency follows it only where compute dominates: at batch 1 and small latents a CPU pass is bound by "
-        "reading the 3.3 GB of fp32 weights, which the 3-row CFG batch reads once for all three rows, so the "
-        "latency ratio at small sizes lies above 1/3"
+        "latency follows it where the work is large: at small latents a 3-row batch runs more efficiently per row "
+        "than a single row here (larger matrix products per kernel call, per-op overheads paid once; a likely "
+        "cause, not profiled), so the latency ratio at small sizes lies above 1/3"
         + (f" ({by_res[256]['latency_ratio']:.3f} at 256²)" if 256 in by_res else "")
         + ". Medians of few repetitions on a loaded shared machine: treat single latency ratios as ±15%.\n"
     )
