@@ -68,3 +68,26 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if not sep or not first.strip().isdigit() or not last.strip().isdigit():
         raise ValueError(f"a UDP port range looks like 40000-40100, not {text!r}")
     return int(first), int(last)
+
+
+def is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "localhost")
+
+
+def keep_reachable_candidates(sdp: str, local_addresses: list[str] | None) -> str:
+    """Drop remote candidates a loopback-only server could never reach.
+
+    A browser offers candidates on every interface (and mDNS names); when the server offers only loopback
+    addresses, checking those would send packets off the loopback, which a loopback deployment (and every
+    test here) must not do. With other local addresses the offer is left as it is.
+    """
+    if not local_addresses or not all(is_loopback(a) for a in local_addresses):
+        return sdp
+    kept = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            if len(fields) > 4 and not is_loopback(fields[4]):
+                continue
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n"

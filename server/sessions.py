@@ -14,7 +14,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from engines.params import EditParams, EditParamsPatch
 from engines.worker import Conditions, EngineWorker, FrameOutcome, FrameSlot, PendingFrame
 from server.errors import BadOffer, Forbidden, SessionNotFound, Unauthorized, Unavailable
-from server.ice import rtc_configuration
+from server.ice import keep_reachable_candidates, rtc_configuration
 from server.media import EditedVideoTrack, read_newest
 from server.metrics import ServiceMetrics
 from server.settings import Settings
@@ -161,6 +161,7 @@ class SessionRegistry:
 
         try:
             try:
+                sdp = keep_reachable_candidates(sdp, self.settings.host_addresses())
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             except Exception as exc:
                 raise BadOffer(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
