@@ -4,9 +4,11 @@ building and running engines needs TensorRT and a CUDA GPU and is skipped, with 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,16 @@ from engines.model import EditorModel
 from tests.test_engine_loading import TINY_IMAGE, make_tiny_pix2pix_folder, make_tiny_student_folder
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads stall each other
+    (test_engine_loading.py: 5 s with one thread, 90 s with two, under load from other processes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _tensorrt_installed() -> bool:
@@ -179,6 +191,7 @@ def test_build_command_as_a_process_exits_non_zero_without_a_traceback(tmp_path:
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 2
     assert "error: cannot load a model from" in done.stderr and "Traceback" not in done.stderr
