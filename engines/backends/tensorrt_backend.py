@@ -113,6 +113,8 @@ def _keep_embeddings_in_fp32(trt: ModuleType, network: Any) -> None:
         layer = network.get_layer(index)
         if layer.name.startswith("/unet/") and not layer.name.startswith("/unet/time_proj/"):
             continue
+        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):  # data, not arithmetic
+            continue
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if not outputs or any(out.dtype not in (trt.float32, trt.float16) for out in outputs):
             continue
