@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("loadtest/results/latest"))
     args = p.parse_args(argv)
     try:
-        width, height = (int(x) for x in args.resolution.lower().split("x"))
+        size = args.resolution.lower().split("x")
+        if len(size) != 2 or not all(x.isdigit() and int(x) >= 16 for x in size):
+            raise ValueError(f"--resolution takes WxH, e.g. 256x256, not {args.resolution!r}")
+        width, height = int(size[0]), int(size[1])
         config = LoadConfig(
             url=args.url.rstrip("/"),
             sessions=args.sessions,

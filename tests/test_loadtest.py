@@ -39,12 +39,14 @@ def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
 
 
 def test_load_tests_refuse_non_loopback_targets(capsys) -> None:
-    assert main(["--url", "http://example.invalid:8000", "--duration", "5"]) == 2
+    assert main(["--url", "http://example.invalid:8000", "--duration", "10"]) == 2
     assert "loopback" in capsys.readouterr().err
 
 
 def test_bad_arguments_get_a_message_not_a_traceback(capsys) -> None:
-    assert main(["--resolution", "big", "--duration", "5"]) == 2
-    assert main(["--source", "/no/such/file.mp4", "--duration", "5"]) == 2
+    assert main(["--resolution", "big", "--duration", "10"]) == 2
+    assert main(["--source", "/no/such/file.mp4", "--duration", "10"]) == 2
+    assert main(["--duration", "3", "--warmup", "5"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "no such video file" in err
+    assert "Traceback" not in err
+    assert "WxH" in err and "no such video file" in err and "longer than the warm-up" in err
