@@ -58,15 +58,18 @@ PHOTOS: dict[str, tuple[Callable[[], np.ndarray], str]] = {
     "coffee": (_skimage("coffee"), "scikit-image data: Rachel Michetti, CC0"),
     "chelsea": (_skimage("chelsea"), "scikit-image data: Stefan van der Walt, CC0"),
     "rocket": (_skimage("rocket"), "scikit-image data: NASA / SpaceX, public domain"),
-    "motorcycle": (_skimage("stereo_motorcycle"), "scikit-image data: Middlebury stereo 2014, free for research"),
+    "motorcycle": (
+        _skimage("stereo_motorcycle"),
+        "scikit-image data: Middlebury 2014 stereo benchmark (Scharstein et al.), as redistributed by scikit-image",
+    ),
     "camera": (_skimage("camera"), "scikit-image data: Lav Varshney, CC0 (greyscale)"),
-    "coins": (_skimage("coins"), "scikit-image data: Walters Art Museum, public domain (greyscale)"),
-    "brick": (_skimage("brick"), "scikit-image data: CC0 texture (greyscale)"),
-    "grass": (_skimage("grass"), "scikit-image data: CC0 texture (greyscale)"),
-    "gravel": (_skimage("gravel"), "scikit-image data: CC0 texture (greyscale)"),
-    "china": (_sklearn("china.jpg"), "scikit-learn sample images: Creative Commons"),
-    "flower": (_sklearn("flower.jpg"), "scikit-learn sample images: Creative Commons"),
-    "grace_hopper": (_matplotlib("grace_hopper.jpg"), "matplotlib sample data: US Navy, public domain"),
+    "coins": (_skimage("coins"), "scikit-image data: Brooklyn Museum, no known copyright restrictions (greyscale)"),
+    "brick": (_skimage("brick"), "scikit-image data: CC0Textures, CC0 (greyscale)"),
+    "grass": (_skimage("grass"), "scikit-image data: linolafett on DeviantArt, CC0 (greyscale)"),
+    "gravel": (_skimage("gravel"), "scikit-image data: CC0Textures, CC0 (greyscale)"),
+    "china": (_sklearn("china.jpg"), "scikit-learn sample images: danielbuechele on Flickr, CC BY 2.0"),
+    "flower": (_sklearn("flower.jpg"), "scikit-learn sample images: vultilion on Flickr, CC BY 2.0"),
+    "grace_hopper": (_matplotlib("grace_hopper.jpg"), "matplotlib sample data: US Navy photograph, public domain"),
 }
 
 DEFAULT_CLIPS = (

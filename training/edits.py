@@ -48,8 +48,8 @@ def _gray3(g: torch.Tensor) -> torch.Tensor:
 
 
 def black_and_white(x: torch.Tensor) -> torch.Tensor:
-    """High-contrast monochrome: luma stretched ×1.35 around mid-grey."""
-    return _gray3(((luma(x) - 0.5) * 1.35 + 0.5).clamp(0, 1))
+    """High-contrast monochrome: luma stretched ×1.5 around mid-grey."""
+    return _gray3(((luma(x) - 0.5) * 1.5 + 0.5).clamp(0, 1))
 
 
 _SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
@@ -76,10 +76,10 @@ def pencil_sketch(x: torch.Tensor) -> torch.Tensor:
 
 
 def pop_art(x: torch.Tensor) -> torch.Tensor:
-    """Saturation ×1.8, then posterized to 4 levels per channel."""
+    """Saturation ×1.8, then posterized to 3 levels per channel (27 flat colours)."""
     g = luma(x)
     saturated = ((x - g) * 1.8 + g).clamp(0, 1)
-    return torch.round(saturated * 3) / 3
+    return torch.round(saturated * 2) / 2
 
 
 def warm_sunset(x: torch.Tensor) -> torch.Tensor:

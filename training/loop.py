@@ -126,7 +126,13 @@ def run_training(config: TrainConfig, state: TrainState, step_fn: StepFn, desc: 
             bar.update(1)
             if state.step % config.log_every == 0 or state.step == config.steps:
                 means = {k: v / count for k, v in sums.items()}
-                line = {"step": state.step, "lr_factor": factor, "elapsed_s": time.monotonic() - started, **means}
+                line = {
+                    "step": state.step,
+                    "time": round(time.time(), 1),
+                    "lr_factor": factor,
+                    "elapsed_s": time.monotonic() - started,
+                    **means,
+                }
                 log_file.write(json.dumps(line) + "\n")
                 log_file.flush()
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)

@@ -29,19 +29,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline: a recipe module run with one config file."""
+    """One step of the pipeline: a recipe module run with one config file, done once `marker` exists."""
 
     name: str
     module: str
     config: str
-
-    def output_dir(self, config_dir: Path, overrides: list[str]) -> Path:
-        return Path(load_raw_config(config_dir / self.config, overrides)["output_dir"])
+    marker: str = FINAL_FOLDER  # relative to the config's output_dir
 
     def done_marker(self, config_dir: Path, overrides: list[str]) -> Path:
-        """What exists once the stage has finished: its final model folder (the evaluation: its report)."""
-        out = self.output_dir(config_dir, overrides)
-        return out / ("report.md" if self.name == "evaluate" else FINAL_FOLDER)
+        return Path(load_raw_config(config_dir / self.config, overrides)["output_dir"]) / self.marker
 
 
 STAGES = (
@@ -49,7 +45,8 @@ STAGES = (
     Stage("teacher", "training.teacher", "default_teacher.yaml"),
     Stage("guidance_distill", "training.guidance_distill", "default_guidance_distill.yaml"),
     Stage("adversarial_distill", "training.adversarial_distill", "default_adversarial_distill.yaml"),
-    Stage("evaluate", "training.evaluate", "default_evaluate.yaml"),
+    Stage("evaluate", "training.evaluate", "default_evaluate.yaml", "report.md"),
+    Stage("model_card", "training.model_card", "default_evaluate.yaml", "MODEL_CARD.md"),
 )
 
 

@@ -1,0 +1,64 @@
+"""make_default's stage bookkeeping, config overrides and the model card's time accounting (nothing trains here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.autoencoder import AutoencoderConfig
+from training.config import load_config
+from training.make_default import STAGES
+from training.make_default import main as make_default
+from training.model_card import training_hours
+from training.teacher import TeacherConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def test_committed_default_configs_validate() -> None:
+    for stage in STAGES:
+        assert (CONFIGS / stage.config).is_file(), stage.config
+    teacher = load_config(TeacherConfig, CONFIGS / "default_teacher.yaml")
+    assert teacher.unet.block_out_channels == [48, 96, 192]
+    assert (teacher.drop_text, teacher.drop_image, teacher.drop_both) == (0.05, 0.05, 0.05)
+    assert teacher.prompts.encoder == "minilm" and teacher.data.crop_size == 128
+
+
+def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
+    config = load_config(
+        AutoencoderConfig,
+        CONFIGS / "tiny_autoencoder.yaml",
+        ["steps=7", "taesd.width=12", f"output_dir={tmp_path}", "data.val_clips=[]"],
+    )
+    assert config.steps == 7 and config.taesd.width == 12 and config.output_dir == tmp_path
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(AutoencoderConfig, CONFIGS / "tiny_autoencoder.yaml", ["steps"])
+    with pytest.raises(ValueError, match="steps"):
+        load_config(AutoencoderConfig, CONFIGS / "tiny_autoencoder.yaml", ["steps=0"])
+
+
+def test_make_default_skips_finished_stages_and_runs_the_rest_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "artifacts"
+    make_default(["--dry-run", "--set", f"output_dir={root}/x"])  # every stage shares one dir: nothing done
+    lines = [line for line in capsys.readouterr().out.splitlines() if "would run" in line]
+    assert [line.split(":")[0].split()[-1] for line in lines] == [s.name for s in STAGES]
+    (root / "x" / "final").mkdir(parents=True)
+    make_default(["--dry-run", "--set", f"output_dir={root}/x"])
+    out = capsys.readouterr().out
+    assert "autoencoder: done" in out and "adversarial_distill: done" in out
+    assert "evaluate: would run" in out
+
+
+def test_training_hours_add_up_resumed_segments(tmp_path: Path) -> None:
+    rows = [
+        {"step": 10, "elapsed_s": 600.0},
+        {"step": 20, "elapsed_s": 1800.0},  # crash, then resumed from step 20
+        {"step": 30, "elapsed_s": 900.0},
+        {"step": 40, "elapsed_s": 1800.0},
+    ]
+    (tmp_path / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert training_hours(tmp_path) == pytest.approx(1.0)
