@@ -4,14 +4,15 @@ Frame identity across the round trip: aiortc re-bases RTP timestamps at every ho
 pts from the first frame it got), so the pts a client receives is `P_k − P_j`, where P_k is the pts it
 sent for the source frame and P_j the pts of the first source frame the server sent back. The server
 reports `first_sent_pts` = P_j − P_0 (in its own timeline, P_0 = the first frame it received) and this
-client knows P_0 (the first frame its sender pulled), so P_k = received + first_sent_pts + P_0 exactly,
-unless the very first frame was lost on the way in (then every latency is off by whole frame intervals;
-on loopback we have not seen it happen).
+client knows P_0 (the first frame its sender pulled), so P_k = received + first_sent_pts + P_0 (to within a few
+90 kHz ticks of rounding, matched to the nearest sent pts), unless the very first frame was lost on the way
+in (then every latency is off by whole frame intervals; on loopback we have not seen it happen).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fractions
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class ClipTrack(VideoStreamTrack):
         self.frames = frames
         self.fps = fps
         self.captured_at: dict[int, float] = {}  # pts → time.monotonic() when the frame was produced
+        self.sent_pts: list[int] = []  # in increasing order
         self.first_pts: int | None = None
         self._index = 0
         self._start: float | None = None
@@ -86,6 +88,7 @@ class ClipTrack(VideoStreamTrack):
         pts = round(self._index * VIDEO_CLOCK / self.fps)
         frame.pts, frame.time_base = pts, fractions.Fraction(1, VIDEO_CLOCK)
         self.captured_at[pts] = time.monotonic()
+        self.sent_pts.append(pts)
         if self.first_pts is None:
             self.first_pts = pts
         self._index += 1
@@ -176,10 +179,20 @@ class EditSession:
         return self._first_sent_pts is not None and self.source.first_pts is not None
 
     def source_pts(self, item: Received) -> int | None:
-        """The pts this client sent for the camera frame that `item` was edited from."""
+        """The pts this client sent for the camera frame that `item` was edited from.
+
+        aiortc's timebase conversions on the way round can shift a pts by a few ticks of the 90 kHz clock,
+        so the nearest sent pts within half a frame interval is taken.
+        """
         if self._first_sent_pts is None or self.source.first_pts is None:
             return None
-        return item.pts + self._first_sent_pts + self.source.first_pts
+        estimate = item.pts + self._first_sent_pts + self.source.first_pts
+        sent = self.source.sent_pts
+        i = bisect.bisect_left(sent, estimate)
+        nearest = min(sent[max(i - 1, 0) : i + 1], key=lambda p: abs(p - estimate), default=None)
+        if nearest is None or abs(nearest - estimate) > VIDEO_CLOCK / self.source.fps / 2:
+            return None
+        return nearest
 
     def latencies(self, since: float = 0.0) -> list[float]:
         """Capture-to-receive seconds of the distinct frames received at or after `since`."""
