@@ -29,10 +29,12 @@ from training.checkpoint import checkpoint_paths
 from training.config import UNetSpec
 from training.data import DEFAULT_MEDIA_DIR
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_penalty
+from training.edits import EDITS as ALL_EDITS
 from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
 from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
+from training.probe import main as probe
 from training.prompts import HashPromptEncoder
 from training.teacher import TeacherConfig, conditioning_dropout, sample_timesteps
 from training.teacher import train as train_teacher
@@ -330,3 +332,15 @@ def test_evaluation_report_covers_every_edit_and_stage(stages: dict[str, Path], 
             assert grid.size == (4 * 32, config.grid_frames * 32)
     text = report.read_text()
     assert "Acceptance checks" in text and "negative" in text
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "teacher", "guidance_distill", "adversarial_distill"])
+def test_probe_scores_each_stages_newest_checkpoint(
+    stage: str, stages: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    probe(["--root", str(stages["teacher"].parent.parent), "--frames", "1", stage])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{stage} at step ")
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
+    assert set(rows) == {e.name for e in ALL_EDITS}
+    assert all(len(v) == (2 if stage == "autoencoder" else 3) for v in rows.values())
