@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import torch
 import uvicorn
 
 from engines.editor import Editor
@@ -32,6 +33,16 @@ def media_clip(name: str = "asl_book.mkv") -> Path:
     if not path.is_file():
         pytest.skip(f"real clips not found at {MEDIA} (shared/media beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads stall each other
+    (test_engine_loading.py: 5 s with one thread, 90 s with two, under load from other processes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -188,14 +188,7 @@ def random_frames(count: int, size: int = TINY_IMAGE, seed: int = 0) -> list[np.
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads stall each other
-    (test_engine_loading.py: 5 s with one thread, 90 s with two, under load from other processes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

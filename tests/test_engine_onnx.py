@@ -8,7 +8,6 @@ under 1e-6), and edited uint8 frames within 1 level.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,7 @@ from tests.test_engine_loading import TINY_IMAGE, make_tiny_student_folder, rand
 ATOL, RTOL = 1e-5, 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads stall each other
-    (test_engine_loading.py: 5 s with one thread, 90 s with two, under load from other processes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

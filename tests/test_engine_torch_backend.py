@@ -3,7 +3,6 @@ GPU tests are marked `gpu` and skip without CUDA, the option checks run everywhe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 FP16_ATOL, FP16_RTOL = 2e-2, 2e-2  # fp16 on the GPU against the fp32 CPU reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads stall each other
-    (test_engine_loading.py: 5 s with one thread, 90 s with two, under load from other processes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
