@@ -53,6 +53,17 @@ def test_make_default_skips_finished_stages_and_runs_the_rest_in_order(
     assert "evaluate: would run" in out
 
 
+def test_make_default_root_moves_every_stage_and_its_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "full"
+    (root / "autoencoder" / "final").mkdir(parents=True)
+    make_default(["--dry-run", "--root", str(root)])
+    out = capsys.readouterr().out
+    assert f"autoencoder: done ({root}/autoencoder/final)" in out
+    assert f"--set output_dir={root}/teacher --set autoencoder={root}/autoencoder" in out
+    assert f"--set output_dir={root}/adversarial_distill --set student_init={root}/guidance_distill" in out
+    assert f"--set output_dir={root}/report --set student={root}/adversarial_distill" in out
+
+
 def test_training_hours_add_up_resumed_segments(tmp_path: Path) -> None:
     rows = [
         {"step": 10, "elapsed_s": 600.0},

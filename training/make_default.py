@@ -7,6 +7,9 @@ The committed commands (run from the repository root; the 2 CPU cores are shared
     tail -n 3 artifacts/default/*/loss_log.jsonl     # latest losses of every stage
     .venv/bin/python -m training.make_default --dry-run   # what is done, what would run next
 
+`--root artifacts/other` runs the whole chain in another folder (a second run beside the first);
+`--set key=value` overrides a field in every stage (e.g. `--set steps=500` for a short trial).
+
 Re-running the same command after an interruption skips finished stages (their final/ folder exists)
 and resumes the current one from its newest checkpoint.
 """
@@ -35,18 +38,37 @@ class Stage:
     module: str
     config: str
     marker: str = FINAL_FOLDER  # relative to the config's output_dir
+    folder: str = ""  # its output_dir's name under --root (default: the stage's name)
+    inputs: tuple[tuple[str, str], ...] = ()  # (config key, folder under --root it reads)
 
     def done_marker(self, config_dir: Path, overrides: list[str]) -> Path:
         return Path(load_raw_config(config_dir / self.config, overrides)["output_dir"]) / self.marker
 
+    def root_overrides(self, root: Path | None) -> list[str]:
+        """Point the stage's output and inputs into `root` (a separate run that leaves the configs' paths alone)."""
+        if root is None:
+            return []
+        return [f"output_dir={root / (self.folder or self.name)}"] + [f"{k}={root / v}" for k, v in self.inputs]
 
+
+_REPORT_INPUTS = (("student", "adversarial_distill"), ("guidance_student", "guidance_distill"), ("teacher", "teacher"))
 STAGES = (
     Stage("autoencoder", "training.autoencoder", "default_autoencoder.yaml"),
-    Stage("teacher", "training.teacher", "default_teacher.yaml"),
-    Stage("guidance_distill", "training.guidance_distill", "default_guidance_distill.yaml"),
-    Stage("adversarial_distill", "training.adversarial_distill", "default_adversarial_distill.yaml"),
-    Stage("evaluate", "training.evaluate", "default_evaluate.yaml", "report.md"),
-    Stage("model_card", "training.model_card", "default_evaluate.yaml", "MODEL_CARD.md"),
+    Stage("teacher", "training.teacher", "default_teacher.yaml", inputs=(("autoencoder", "autoencoder"),)),
+    Stage(
+        "guidance_distill",
+        "training.guidance_distill",
+        "default_guidance_distill.yaml",
+        inputs=(("teacher", "teacher"),),
+    ),
+    Stage(
+        "adversarial_distill",
+        "training.adversarial_distill",
+        "default_adversarial_distill.yaml",
+        inputs=(("student_init", "guidance_distill"),),
+    ),
+    Stage("evaluate", "training.evaluate", "default_evaluate.yaml", "report.md", "report", _REPORT_INPUTS),
+    Stage("model_card", "training.model_card", "default_evaluate.yaml", "MODEL_CARD.md", "report", _REPORT_INPUTS),
 )
 
 
@@ -64,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="run stages even when their final output exists")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's state and command, run nothing")
     parser.add_argument(
+        "--root", type=Path, default=None, help="put every stage under this folder instead of the configs' paths"
+    )
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every stage"
     )
     args = parser.parse_args(argv)
@@ -73,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     for stage in STAGES:
         if args.only and stage.name not in args.only:
             continue
-        marker = stage.done_marker(args.configs, args.overrides)
-        command = stage_command(stage, args.configs, args.overrides)
+        overrides = stage.root_overrides(args.root) + args.overrides
+        marker = stage.done_marker(args.configs, overrides)
+        command = stage_command(stage, args.configs, overrides)
         if marker.exists() and not args.force:
             print(f"[make_default] {stage.name}: done ({marker})", flush=True)
             continue

@@ -82,9 +82,11 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "| stage | config | steps × batch | wall-clock hours (2 shared CPU cores) |",
         "|---|---|---|---|",
     ]
+    root = Path(evaluate_config["student"]).parent  # the stages sit side by side (make_default --root)
     for name, file in STAGE_CONFIGS:
         cfg = stages[name]
-        hours = training_hours(Path(cfg["output_dir"]))
+        stage_dir = root / name if (root / name).is_dir() else Path(cfg["output_dir"])
+        hours = training_hours(stage_dir)
         lines.append(
             f"| {name} | training/configs/{file} | {cfg.get('steps')} × {cfg.get('batch_size', 16)} | {hours:.2f} |"
         )
