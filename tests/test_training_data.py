@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import DEFAULT_MEDIA_DIR, CropSampler, DataConfig, load_split, service_view, validation_frames
+from training.batches import EditBatchSampler
+from training.data import (
+    DEFAULT_MEDIA_DIR,
+    CropSampler,
+    DataConfig,
+    SourceImage,
+    load_split,
+    service_view,
+    validation_frames,
+)
 from training.edits import EDITS, all_prompts, gaussian_blur, get_edits, luma, negative, pencil_sketch, thermal
 from training.prompts import HashPromptEncoder, PromptSpec, build_prompt_table
 
@@ -129,3 +138,25 @@ def test_prompt_table_is_cached_per_encoder_and_prompt_list(tmp_path: Path) -> N
         build_prompt_table(spec, ["a new prompt"], cache, encoder=Refuses(8, 4))
     with pytest.raises(KeyError):
         table(["never encoded"])
+
+
+def test_batches_pair_each_crop_with_its_edit_and_drop_prompt_tokens() -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    config = DataConfig(photos=[], clips=[], val_photos=[], val_clips=[], crop_size=32)
+    edits = get_edits(["negative", "black_and_white"])
+    table = build_prompt_table(PromptSpec(encoder="hash", hash_dim=8, tokens=6), all_prompts(edits), None)
+    plain = EditBatchSampler(CropSampler([SourceImage("p", pixels, "photo")], config, rng), edits, table)
+    batch = plain.sample(8)
+    for i in range(8):
+        expected = edits[int(batch.edit_ids[i])]((batch.images[i : i + 1] + 1) / 2) * 2 - 1
+        torch.testing.assert_close(batch.targets[i : i + 1], expected)
+        assert batch.prompts[i] in edits[int(batch.edit_ids[i])].phrasings
+    torch.testing.assert_close(batch.context, table(batch.prompts))
+    dropping = EditBatchSampler(plain.crops, edits, table, token_dropout=0.5)
+    batch = dropping.sample(64)
+    full = table(batch.prompts)
+    present = full.abs().sum(-1) > 0
+    kept = batch.context.abs().sum(-1) > 0
+    assert not (kept & ~present).any()
+    assert 0.35 < float((kept & present).sum() / present.sum()) < 0.65

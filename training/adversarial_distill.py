@@ -105,7 +105,9 @@ def train(config: AdversarialDistillConfig) -> Path:
     if ema is not None:
         modules["ema"] = ema
     state = TrainState(modules, {"unet": optimizer, "heads": disc_optimizer}, rng)
-    sampler, _ = make_edit_sampler(config.data, config.prompts, config.edits, config.output_dir, rng)
+    sampler, _ = make_edit_sampler(
+        config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
+    )
     null = sampler.table.null
     t_student = editor.student_timestep
 

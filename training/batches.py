@@ -29,12 +29,15 @@ class EditBatch:
 class EditBatchSampler:
     """Draws EditBatches with one numpy RNG (the crop sampler's), so a checkpointed RNG replays the same data."""
 
-    def __init__(self, crops: CropSampler, edits: tuple[Edit, ...], table: PromptTable) -> None:
+    def __init__(
+        self, crops: CropSampler, edits: tuple[Edit, ...], table: PromptTable, token_dropout: float = 0.0
+    ) -> None:
         if not edits:
             raise ValueError("EditBatchSampler needs at least one edit")
         self.crops = crops
         self.edits = edits
         self.table = table
+        self.token_dropout = token_dropout
 
     @property
     def rng(self) -> np.random.Generator:
@@ -51,7 +54,12 @@ class EditBatchSampler:
         for i in ids.tolist():
             phrasings = self.edits[i].phrasings
             prompts.append(phrasings[int(self.rng.integers(len(phrasings)))])
-        return EditBatch(images * 2 - 1, targets * 2 - 1, ids, prompts, self.table(prompts))
+        context = self.table(prompts)
+        if self.token_dropout > 0:
+            # Zeroed rows read as padding: the model learns edits from partial prompts (robust to paraphrase).
+            dropped = torch.from_numpy(self.rng.random(context.shape[:2]) < self.token_dropout)
+            context = context.masked_fill(dropped[..., None], 0.0)
+        return EditBatch(images * 2 - 1, targets * 2 - 1, ids, prompts, context)
 
 
 def make_edit_sampler(
@@ -60,9 +68,10 @@ def make_edit_sampler(
     edit_names: list[str] | None,
     cache_dir: Path,
     rng: np.random.Generator,
+    token_dropout: float = 0.0,
 ) -> tuple[EditBatchSampler, ImageSplit]:
     """Load the images, encode every phrasing once (cached in cache_dir), and build the batch sampler."""
     split = load_split(data)
     edits = get_edits(edit_names)
     table = build_prompt_table(prompts, all_prompts(edits), Path(cache_dir) / PROMPT_CACHE)
-    return EditBatchSampler(CropSampler(split.train, data, rng), edits, table), split
+    return EditBatchSampler(CropSampler(split.train, data, rng), edits, table, token_dropout), split

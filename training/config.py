@@ -109,6 +109,9 @@ class EditTrainConfig(TrainConfig):
     prompts: PromptSpec = Field(default_factory=PromptSpec)
     edits: list[str] | None = Field(None, description="Edit names to train (None = all of training.edits.EDITS).")
     resolution: int = Field(256, ge=64, description="Frame side written to editor.json (the service's resolution).")
+    token_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Chance each prompt token's context row is zeroed (paraphrase robustness)."
+    )
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

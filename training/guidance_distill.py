@@ -82,7 +82,9 @@ def train(config: GuidanceDistillConfig) -> Path:
     if ema is not None:
         modules["ema"] = ema
     state = TrainState(modules, {"unet": optimizer}, rng)
-    sampler, _ = make_edit_sampler(config.data, config.prompts, config.edits, config.output_dir, rng)
+    sampler, _ = make_edit_sampler(
+        config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
+    )
     null = sampler.table.null
 
     def step(_: int) -> dict[str, float]:

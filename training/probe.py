@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-guidance", type=float, default=1.0)
     parser.add_argument("--image-guidance", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trained-phrasing", action="store_true", help="prompt with a training phrasing instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     output_dir = args.root / args.stage
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         ceiling = np.mean([psnr(r, t) for r, t in zip(recon_frames, targets, strict=True)])
         line = f"{edit.name:16s} {base:7.2f} {ceiling:7.2f}"
         if method is not None:
-            outputs = method.run(frames, edit.held_out[0], args.text_guidance, args.image_guidance)
+            prompt = edit.phrasings[0] if args.trained_phrasing else edit.held_out[0]
+            outputs = method.run(frames, prompt, args.text_guidance, args.image_guidance)
             line += f" {np.mean([psnr(o, t) for o, t in zip(outputs, targets, strict=True)]):7.2f}"
         print(line, flush=True)
 
