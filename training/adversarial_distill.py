@@ -34,8 +34,8 @@ class AdversarialDistillConfig(EditTrainConfig):
     discriminator_backbone: Path | None = Field(
         None, description="Model whose frozen UNet encoder feeds the heads (None = the target model)."
     )
-    text_guidance_range: tuple[float, float] = Field((0.0, 3.0), description="s_T ~ U[lo, hi] (as distilled).")
-    image_guidance_range: tuple[float, float] = Field((0.5, 2.0), description="s_I ~ U[lo, hi] (as distilled).")
+    text_guidance_range: tuple[float, float] = Field((0.0, 2.0), description="s_T ~ U[lo, hi] (as distilled).")
+    image_guidance_range: tuple[float, float] = Field((0.75, 1.5), description="s_I ~ U[lo, hi] (as distilled).")
     empty_prompt_probability: float = Field(0.05, ge=0, le=1, description="Rows with the empty prompt.")
     logit_normal_mean: float = Field(-1.0, description="Re-noising t = 999·sigmoid(N(mean, std)) (LADD: -1, 1).")
     logit_normal_std: float = Field(1.0, gt=0, description="See logit_normal_mean.")

@@ -46,7 +46,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "## Use",
         "",
         "- Recommended guidance: **s_T = 1.0, s_I = 1.0** (the edit itself). s_T = 0 returns the input, "
-        "s_T in (1, 3] exaggerates the edit; s_I below 1 washes the frame towards grey, above 1 boosts its "
+        "s_T above 1 exaggerates the edit; s_I below 1 washes the frame towards grey, above 1 boosts its "
         "contrast. The scales were distilled over s_T ∈ "
         f"{stages['guidance_distill'].get('text_guidance_range')}, s_I ∈ "
         f"{stages['guidance_distill'].get('image_guidance_range')}; values outside are untrained "
