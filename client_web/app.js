@@ -251,12 +251,19 @@ function choosePrompt(prompt) {
   changeParam('prompt', prompt, 0);
 }
 
-/** The smallest of 1, 2, 5 × 10^k that cuts `span` into at most 50 steps. */
-function niceStep(span) {
+/** A 1, 2 or 5 × 10^k step that cuts `span` into roughly 20–50 steps (finer if needed) and divides `low`.
+ *  A range input snaps to min + k·step, so a step that does not divide min would move round
+ *  values (the model's defaults, e.g. 1.0 on a 0.75–1.5 slider, became 1.01). */
+function niceStep(low, span) {
   const rough = span / 50;
-  const power = 10 ** Math.floor(Math.log10(rough));
-  const step = [1, 2, 5, 10].map((m) => m * power).find((candidate) => candidate >= rough);
-  return Number(step.toPrecision(1));
+  let power = 10 ** Math.floor(Math.log10(rough));
+  for (let tries = 0; tries < 6; tries += 1, power /= 10) {
+    const step = [5, 2, 1].map((m) => Number((m * power).toPrecision(1))).find(
+      (candidate) => candidate <= rough * 2.5 && Math.abs(low / candidate - Math.round(low / candidate)) < 1e-6,
+    );
+    if (step) return step;
+  }
+  return Number(power.toPrecision(1));
 }
 
 /** Fit a guidance slider to the range the model was trained on (the API accepts more; beyond it edits extrapolate). */
@@ -264,7 +271,7 @@ function fitSlider(name, [low, high]) {
   const input = $(name);
   if (!input || !(high > low)) return;
   const value = input.value;
-  Object.assign(input, { min: String(low), max: String(high), step: String(niceStep(high - low)) });
+  Object.assign(input, { min: String(low), max: String(high), step: String(niceStep(low, high - low)) });
   input.value = value; // re-clamped to the new range and step
   showValue(name);
 }
