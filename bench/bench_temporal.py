@@ -21,7 +21,7 @@ from benchlib import command_line, machine_info, machine_markdown, table, write_
 from PIL import Image
 
 from engines.editor import Editor, EditRequest
-from engines.loader import EngineSpec, load_editor
+from engines.loader import EngineSpec, default_params, load_editor
 from engines.params import EditParams
 from engines.temporal import StreamState, flicker
 
@@ -197,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
 
     fingerprint = folder_fingerprint(args.weights or DEFAULT_MODEL_DIR)
     context = editor.encode_prompt(args.prompt)
+    base = default_params(editor.config)  # the model's own operating point (s_T, s_I)
     runs: list[dict[str, Any]] = []
     for clip in args.clips:
         frames, fps = load_frames(args.media / clip, args.frames, args.stride, editor.resolution)
         video_s = len(frames) * args.stride / fps
         for name, switches in MECHANISMS.items():
-            params = EditParams(prompt=args.prompt, **switches)
+            params = base.model_copy(update={"prompt": args.prompt, **switches})
             outputs, calls, skipped, seconds = run_clip(editor, frames, params, context)
             runs.append(
                 {
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "resolution": editor.resolution,
         "backend": args.backend,
         "prompt": args.prompt,
-        "text_guidance": EditParams().text_guidance,
-        "image_guidance": EditParams().image_guidance,
+        "text_guidance": base.text_guidance,
+        "image_guidance": base.image_guidance,
         "seed": EditParams().seed,
         "mechanisms": MECHANISMS,
         "summary": summary,
