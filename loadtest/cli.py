@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", default="256x256", help="WxH of the sent video")
     p.add_argument("--source", default="synthetic", help="a video file (looped) or 'synthetic'")
     p.add_argument("--prompt", action="append", help="edit prompt; repeat to cycle with --patch-every")
-    p.add_argument("--patch-every", type=float, default=0.0, help="PATCH the next prompt every N seconds")
+    p.add_argument("--guidance", action="append", help="S_T,S_I; repeat to cycle with --patch-every")
+    p.add_argument("--patch-every", type=float, default=0.0, help="PATCH the next prompt (and guidance) every N s")
     p.add_argument("--processes", type=int, default=1, help="client processes (for many sessions)")
     p.add_argument("--capacity", action="store_true", help="raise sessions until a step misses the targets")
     p.add_argument("--target-fps", type=float, default=12.0)
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(size) != 2 or not all(x.isdigit() and int(x) >= 16 for x in size):
             raise ValueError(f"--resolution takes WxH, e.g. 256x256, not {args.resolution!r}")
         width, height = int(size[0]), int(size[1])
+        guidance = []
+        for pair in args.guidance or []:
+            values = pair.split(",")
+            if len(values) != 2:
+                raise ValueError(f"--guidance takes S_T,S_I, e.g. 1.0,1.0, not {pair!r}")
+            guidance.append((float(values[0]), float(values[1])))
         config = LoadConfig(
             url=args.url.rstrip("/"),
             sessions=args.sessions,

@@ -32,7 +32,8 @@ class LoadConfig:
     height: int = 256
     source: str = "synthetic"  # a video file PyAV reads, or "synthetic"
     prompts: list[str] = field(default_factory=lambda: ["make it a pencil sketch"])
-    patch_every_s: float = 0.0  # > 0: cycle through `prompts` by PATCH this often
+    guidance: list[tuple[float, float]] = field(default_factory=list)  # (s_T, s_I) pairs to cycle, if any
+    patch_every_s: float = 0.0  # > 0: cycle through `prompts` (and `guidance`) by PATCH this often
     processes: int = 1
     connect_timeout_s: float = 20.0
 
@@ -87,7 +88,10 @@ async def run_session(
     end = start_at + config.duration_s
     result = SessionResult(index, connected=False)
     try:
-        response = await session.open({"prompt": config.prompts[0]})
+        first: dict[str, Any] = {"prompt": config.prompts[0]}
+        if config.guidance:
+            first.update(text_guidance=config.guidance[0][0], image_guidance=config.guidance[0][1])
+        response = await session.open(first)
         if response.status_code != 201:
             result.error = f"HTTP {response.status_code}: {response.text[:200]}"
             return result
@@ -104,7 +108,13 @@ async def run_session(
         while (now := time.monotonic()) < end:
             if now >= next_patch:
                 k += 1
-                await session.patch(prompt=config.prompts[k % len(config.prompts)])
+                change: dict[str, Any] = {"prompt": config.prompts[k % len(config.prompts)]}
+                if config.guidance:
+                    s_t, s_i = config.guidance[k % len(config.guidance)]
+                    change.update(text_guidance=s_t, image_guidance=s_i)
+                response = await session.patch(**change)
+                if response.status_code != 200:
+                    raise RuntimeError(f"PATCH {change} answered {response.status_code}: {response.text[:200]}")
                 patches.append(time.monotonic())  # frames captured after this are edited with the new prompt
                 next_patch += config.patch_every_s
             await asyncio.sleep(min(0.1, max(0.0, end - now)))

@@ -17,6 +17,7 @@ def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
             "--sessions", "2", "--ramp", "4", "--duration", "9", "--warmup", "3",
             "--source", str(media_clip("asl_book.mkv")),
             "--prompt", "make it sepia", "--prompt", "make it a negative", "--patch-every", "2.5",
+            "--guidance", "1.0,1.0", "--guidance", "2.0,0.75",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -47,6 +48,7 @@ def test_bad_arguments_get_a_message_not_a_traceback(capsys) -> None:
     assert main(["--resolution", "big", "--duration", "10"]) == 2
     assert main(["--source", "/no/such/file.mp4", "--duration", "10"]) == 2
     assert main(["--duration", "3", "--warmup", "5"]) == 2
+    assert main(["--guidance", "7", "--duration", "10"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert "WxH" in err and "no such video file" in err and "longer than the warm-up" in err
+    assert "S_T,S_I" in err and "WxH" in err and "no such video file" in err and "longer than the warm-up" in err
