@@ -18,7 +18,7 @@ from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
 from training.guidance_distill import sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training
-from training.models import FINAL_FOLDER, load_editor_model, save_editor
+from training.models import load_editor_model, save_final_editor
 
 
 class AdversarialDistillConfig(EditTrainConfig):
@@ -181,11 +181,7 @@ def train(config: AdversarialDistillConfig) -> Path:
         }
 
     run_training(config, state, step, "adversarial_distill")
-    final_unet = ema.shadow if ema is not None else student_unet
-    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
-    return save_editor(
-        Path(config.output_dir) / FINAL_FOLDER, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype
-    )
+    return save_final_editor(config, editor, student_unet, ema, taesd, schedule)
 
 
 def main(argv: list[str] | None = None) -> Path:

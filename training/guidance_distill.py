@@ -16,7 +16,7 @@ from training.batches import make_edit_sampler
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.loop import EMA, clip_and_step, make_adamw, run_training
-from training.models import FINAL_FOLDER, editor_config, load_editor_model, save_editor
+from training.models import editor_config, load_editor_model, save_final_editor
 from training.teacher import sample_timesteps
 
 
@@ -112,11 +112,7 @@ def train(config: GuidanceDistillConfig) -> Path:
         return {"loss": float(loss.detach()), "grad_norm": norm}
 
     run_training(config, state, step, "guidance_distill")
-    final_unet = ema.shadow if ema is not None else student_unet
-    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
-    return save_editor(
-        Path(config.output_dir) / FINAL_FOLDER, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype
-    )
+    return save_final_editor(config, editor, student_unet, ema, taesd, schedule)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -6,6 +6,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderTiny, UNet2DConditionModel
@@ -16,6 +17,10 @@ from engines.model import TAESD_FOLDER, EditorModel
 from engines.sampling import NoiseSchedule
 from engines.unet import GuidedUNet
 from training.prompts import LazyPromptEncoder, PromptSpec
+
+if TYPE_CHECKING:
+    from training.config import EditTrainConfig
+    from training.loop import EMA
 
 FINAL_FOLDER = "final"
 
@@ -100,6 +105,21 @@ def save_editor(
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def save_final_editor(
+    config: EditTrainConfig,
+    editor: EditorConfig,
+    unet: UNet2DConditionModel,
+    ema: EMA | None,
+    taesd: AutoencoderTiny,
+    schedule: NoiseSchedule,
+) -> Path:
+    """Every UNet recipe's last act: its EMA weights (else the raw ones) as <output_dir>/final/, in save_dtype."""
+    final_unet = ema.shadow if ema is not None else unet
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    folder = Path(config.output_dir) / FINAL_FOLDER
+    return save_editor(folder, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype)
 
 
 def save_taesd(folder: Path, taesd: AutoencoderTiny, dtype: torch.dtype) -> Path:

@@ -17,12 +17,11 @@ from training.checkpoint import TrainState
 from training.config import EditTrainConfig, UNetSpec, recipe_main
 from training.loop import EMA, clip_and_step, make_adamw, run_training
 from training.models import (
-    FINAL_FOLDER,
     editor_config,
     load_editor_model,
     load_taesd,
     native_target,
-    save_editor,
+    save_final_editor,
     training_schedule,
 )
 
@@ -126,11 +125,7 @@ def train(config: TeacherConfig) -> Path:
         return {"loss": float(loss.detach()), "grad_norm": norm}
 
     run_training(config, state, step, "teacher")
-    final_unet = ema.shadow if ema is not None else unet
-    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
-    return save_editor(
-        Path(config.output_dir) / FINAL_FOLDER, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype
-    )
+    return save_final_editor(config, editor, unet, ema, taesd, schedule)
 
 
 def main(argv: list[str] | None = None) -> Path:
