@@ -63,7 +63,7 @@ BASE = {
     "resolution": 512,
     "min_batch": 1,
     "max_batch": 8,
-    "trt_version": "10.3.0",
+    "trt_version": "11.3.0",
     "gpu_name": "NVIDIA H100 80GB HBM3",
 }
 
@@ -81,7 +81,7 @@ def test_cache_key_names_every_component() -> None:
         ("resolution", 256),
         ("min_batch", 2),
         ("max_batch", 16),
-        ("trt_version", "10.4.0"),
+        ("trt_version", "11.4.0"),
         ("gpu_name", "NVIDIA GeForce RTX 4090"),
     ],
 )
@@ -90,7 +90,7 @@ def test_cache_key_changes_with_each_component(field: str, value: object) -> Non
 
 
 def test_cache_key_is_one_safe_folder_name() -> None:
-    key = engine_cache_key(**{**BASE, "gpu_name": "Tesla T4 / PCIe (rev a1)", "trt_version": "10.0.1.post1"})  # type: ignore[arg-type]
+    key = engine_cache_key(**{**BASE, "gpu_name": "Tesla T4 / PCIe (rev a1)", "trt_version": "11.0.1.post1"})  # type: ignore[arg-type]
     assert re.fullmatch(r"[a-z0-9.-]+", key), key
     assert key.endswith("-trt10.0.1.post1-tesla-t4-pcie-rev-a1")
     with pytest.raises(ValueError, match=r"1 <= min <= max, got 4\.\.2"):
@@ -98,9 +98,9 @@ def test_cache_key_is_one_safe_folder_name() -> None:
 
 
 def test_engine_folder_is_keyed_by_the_models_fingerprint_and_resolution(model: EditorModel, tmp_path: Path) -> None:
-    path = engine_folder(model, TINY_IMAGE, 4, tmp_path, "10.3.0", "NVIDIA L4")
+    path = engine_folder(model, TINY_IMAGE, 4, tmp_path, "11.3.0", "NVIDIA L4")
     assert path == tmp_path / "tensorrt" / f"{model.fingerprint}-{TINY_IMAGE}px-b1-4-trt10.3.0-nvidia-l4"
-    assert engine_folder(model, 2 * TINY_IMAGE, 4, tmp_path, "10.3.0", "NVIDIA L4") != path
+    assert engine_folder(model, 2 * TINY_IMAGE, 4, tmp_path, "11.3.0", "NVIDIA L4") != path
 
 
 def test_a_cfg_teacher_unet_engine_takes_three_rows_per_frame(model: EditorModel) -> None:
