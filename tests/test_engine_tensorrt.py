@@ -70,7 +70,7 @@ BASE = {
 
 def test_cache_key_names_every_component() -> None:
     key = engine_cache_key(**BASE)  # type: ignore[arg-type]
-    assert key == "0123456789abcdef-512px-b1-8-trt10.3.0-nvidia-h100-80gb-hbm3"
+    assert key == "0123456789abcdef-512px-b1-8-trt11.3.0-nvidia-h100-80gb-hbm3"
     assert engine_cache_key(**BASE) == key  # type: ignore[arg-type]
 
 
@@ -92,14 +92,14 @@ def test_cache_key_changes_with_each_component(field: str, value: object) -> Non
 def test_cache_key_is_one_safe_folder_name() -> None:
     key = engine_cache_key(**{**BASE, "gpu_name": "Tesla T4 / PCIe (rev a1)", "trt_version": "11.0.1.post1"})  # type: ignore[arg-type]
     assert re.fullmatch(r"[a-z0-9.-]+", key), key
-    assert key.endswith("-trt10.0.1.post1-tesla-t4-pcie-rev-a1")
+    assert key.endswith("-trt11.0.1.post1-tesla-t4-pcie-rev-a1")
     with pytest.raises(ValueError, match=r"1 <= min <= max, got 4\.\.2"):
         engine_cache_key(**{**BASE, "min_batch": 4, "max_batch": 2})  # type: ignore[arg-type]
 
 
 def test_engine_folder_is_keyed_by_the_models_fingerprint_and_resolution(model: EditorModel, tmp_path: Path) -> None:
     path = engine_folder(model, TINY_IMAGE, 4, tmp_path, "11.3.0", "NVIDIA L4")
-    assert path == tmp_path / "tensorrt" / f"{model.fingerprint}-{TINY_IMAGE}px-b1-4-trt10.3.0-nvidia-l4"
+    assert path == tmp_path / "tensorrt" / f"{model.fingerprint}-{TINY_IMAGE}px-b1-4-trt11.3.0-nvidia-l4"
     assert engine_folder(model, 2 * TINY_IMAGE, 4, tmp_path, "11.3.0", "NVIDIA L4") != path
 
 
