@@ -160,6 +160,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             target_steps=2,
             disc_hidden=8,
             r1_every=2,
+            anchor_probability=0.5,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,

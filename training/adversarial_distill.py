@@ -37,6 +37,13 @@ class AdversarialDistillConfig(EditTrainConfig):
     text_guidance_range: tuple[float, float] = Field((0.0, 2.0), description="s_T ~ U[lo, hi] (as distilled).")
     image_guidance_range: tuple[float, float] = Field((0.75, 1.5), description="s_I ~ U[lo, hi] (as distilled).")
     empty_prompt_probability: float = Field(0.05, ge=0, le=1, description="Rows with the empty prompt.")
+    anchor_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows set to the operating point s_T = s_I = 1 whose target is the exact edit (the input for "
+        "an empty prompt) instead of the teacher's sample: real data anchoring the student where it is used.",
+    )
     logit_normal_mean: float = Field(-1.0, description="Re-noising t = 999·sigmoid(N(mean, std)) (LADD: -1, 1).")
     logit_normal_std: float = Field(1.0, gt=0, description="See logit_normal_mean.")
     mse_weight: float = Field(1.0, ge=0, description="λ_mse on ‖x̂0 − x0_target‖² (latents).")
@@ -119,19 +126,27 @@ def train(config: AdversarialDistillConfig) -> Path:
         empty = torch.from_numpy(rng.random(n) < config.empty_prompt_probability)
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
         scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
+        anchored = torch.from_numpy(rng.random(n) < config.anchor_probability)
+        scales[anchored] = 1.0
         cond = z_image * editor.image_latent_scale
         with torch.no_grad():
-            x0_target = teacher_sample(
-                target.unet,
-                schedule,
-                cond,
-                context,
-                null[None],
-                scales[:, 0],
-                scales[:, 1],
-                steps=config.target_steps,
-                guidance_distilled=target.config.distilled,
-            )
+            x0_target = torch.empty_like(z_image)
+            free = ~anchored
+            if free.any():
+                x0_target[free] = teacher_sample(
+                    target.unet,
+                    schedule,
+                    cond[free],
+                    context[free],
+                    null[None],
+                    scales[free, 0],
+                    scales[free, 1],
+                    steps=config.target_steps,
+                    guidance_distilled=target.config.distilled,
+                )
+            if anchored.any():
+                exact = torch.where(empty[:, None, None, None], z_image, taesd.encode(b.targets).latents)
+                x0_target[anchored] = exact[anchored]
         x_start = student_start(schedule, torch.randn_like(z_image), t_student, None)
         ts = torch.full((n,), t_student, dtype=torch.long)
         x0 = schedule.predict_x0(student(torch.cat([x_start, cond], 1), ts, context, scales), x_start, ts)
