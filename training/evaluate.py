@@ -233,6 +233,8 @@ def evaluate(config: EvaluateConfig) -> Path:
             grid_rows.append([frames[k], targets[k], teacher_out, outputs[methods[0].name][k]])
         _grid(grid_rows, config.grid_tile).save(out / "grids" / f"{edit.name}.png", optimize=True)
         per_edit[edit.name] = row
+        scores = ", ".join(f"{m.name} {row[m.name]['psnr']:.2f}" for m in methods)  # type: ignore[index]
+        print(f"[evaluate] {edit.name}: input {row['input']['psnr']:.2f} dB, {scores}", flush=True)  # type: ignore[index]
 
     sweep = guidance_sweep(methods[0], edits, held_out, frames, config)
     timings = {}
@@ -285,6 +287,7 @@ def guidance_sweep(
     by_text: dict[str, list[float]] = {}
     by_image: dict[str, list[float]] = {}
     for edit, prompt in zip(edits, prompts, strict=True):
+        print(f"[evaluate] guidance sweep: {edit.name}", flush=True)
         by_text[edit.name] = [
             strength(student.run(frames, prompt, s, config.image_guidance)) for s in config.sweep_text_guidance
         ]
