@@ -34,6 +34,7 @@ from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
 from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
+from training.model_card import main as model_card
 from training.probe import main as probe
 from training.prompts import HashPromptEncoder
 from training.teacher import TeacherConfig, conditioning_dropout, sample_timesteps
@@ -43,6 +44,7 @@ C = TypeVar("C")
 
 PROMPTS: dict[str, Any] = {"encoder": "hash", "hash_dim": 16, "tokens": 8}
 EDITS = ["negative", "black_and_white"]
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 TINY_UNET: dict[str, Any] = {"block_out_channels": [16, 32], "attention_head_dim": 2, "norm_num_groups": 8}
 
 
@@ -345,3 +347,18 @@ def test_probe_scores_each_stages_newest_checkpoint(
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
     assert set(rows) == {e.name for e in ALL_EDITS}
     assert all(len(v) == (2 if stage == "autoencoder" else 3) for v in rows.values())
+
+
+def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("autoencoder", "teacher", "guidance_distill", "adversarial_distill"):
+        (configs / f"default_{name}.yaml").write_text((CONFIGS / f"tiny_{name}.yaml").read_text())
+    evaluate_config = configs / "default_evaluate.yaml"
+    evaluate_config.write_text(f"output_dir: {tmp_path / 'report'}\nstudent: {stages['adversarial_distill'].parent}\n")
+    card = model_card(["--config", str(evaluate_config)]).read_text()
+    assert (stages["adversarial_distill"] / "MODEL_CARD.md").read_text() == card
+    # Steps come from each stage's saved config.json (what ran), not from the yaml beside it (40 there).
+    assert "| guidance_distill | training/configs/default_guidance_distill.yaml | 30 × 2 |" in card
+    assert "| adversarial_distill | training/configs/default_adversarial_distill.yaml | 30 × 2 |" in card
+    assert "negative" in card and "Not evaluated yet" in card

@@ -32,7 +32,15 @@ def training_hours(output_dir: Path) -> float:
 
 
 def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type-arg]
-    stages = {name: load_raw_config(config_dir / file) for name, file in STAGE_CONFIGS}
+    root = Path(evaluate_config["student"]).parent  # the stages sit side by side (make_default --root)
+    stage_dirs: dict[str, Path] = {}
+    stages: dict[str, dict] = {}  # type: ignore[type-arg]
+    for name, file in STAGE_CONFIGS:
+        default = load_raw_config(config_dir / file)
+        stage_dirs[name] = root / name if (root / name).is_dir() else Path(default["output_dir"])
+        # The config the stage actually ran with (overrides included) is saved beside its checkpoints.
+        ran = stage_dirs[name] / "config.json"
+        stages[name] = json.loads(ran.read_text()) if ran.is_file() else default
     data = DataConfig.model_validate(stages["teacher"].get("data", {}))
     edits = get_edits(stages["teacher"].get("edits"))
     lines = [
@@ -82,11 +90,9 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "| stage | config | steps × batch | wall-clock hours (2 shared CPU cores) |",
         "|---|---|---|---|",
     ]
-    root = Path(evaluate_config["student"]).parent  # the stages sit side by side (make_default --root)
     for name, file in STAGE_CONFIGS:
         cfg = stages[name]
-        stage_dir = root / name if (root / name).is_dir() else Path(cfg["output_dir"])
-        hours = training_hours(stage_dir)
+        hours = training_hours(stage_dirs[name])
         lines.append(
             f"| {name} | training/configs/{file} | {cfg.get('steps')} × {cfg.get('batch_size', 16)} | {hours:.2f} |"
         )
