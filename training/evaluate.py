@@ -320,7 +320,9 @@ def render_report(results: dict) -> str:  # type: ignore[type-arg]
         f"s_I = {config['image_guidance']}. Targets are the edits' exact operations (training/edits.py). "
         f"Frames: {MEDIA_ATTRIBUTION}; photos: scikit-image data.",
         "",
-        "Regenerate: `.venv/bin/python -m training.evaluate --config training/configs/default_evaluate.yaml`",
+        f"Models: student `{config['student']}`, guidance-distilled `{config['guidance_student']}`, "
+        f"teacher `{config['teacher']}`. Regenerate: `.venv/bin/python -m training.evaluate --config "
+        "training/configs/default_evaluate.yaml` (with `--set student=...` etc. for other models).",
         "",
         "## PSNR (dB) / SSIM against the target",
         "",
