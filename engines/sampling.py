@@ -43,6 +43,8 @@ class NoiseSchedule:
                 "beta_end": 0.012,
                 "beta_schedule": "scaled_linear",
                 "prediction_type": "sample",
+                "clip_sample": False,  # TAESD latents exceed ±1
+                "timestep_spacing": "trailing",  # few-step sampling starts at t = 999, as the student does
             }
         )
 
