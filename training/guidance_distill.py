@@ -13,9 +13,8 @@ from pydantic import Field, model_validator
 from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding
 from training.batches import make_edit_sampler
-from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
-from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
 from training.teacher import sample_timesteps
 
@@ -76,13 +75,7 @@ def train(config: GuidanceDistillConfig) -> Path:
     student_unet = add_guidance_embedding(copy.deepcopy(teacher_unet), config.guidance_embedding_dim)
     student_unet.requires_grad_(True).train()
     student = GuidedUNet(student_unet, editor.guidance_embedding_dim, editor.guidance_embedding_scale)
-    params = [p for p in student_unet.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, config.lr, config.weight_decay)
-    modules: dict[str, torch.nn.Module] = {"unet": student_unet}
-    ema = EMA(student_unet, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        modules["ema"] = ema
-    state = TrainState(modules, {"unet": optimizer}, rng)
+    params, optimizer, ema, state = unet_train_state(config, student_unet, rng)
     sampler, _ = make_edit_sampler(
         config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
     )

@@ -63,6 +63,19 @@ def make_adamw(
     return optimizer
 
 
+def unet_train_state(
+    config: TrainConfig, unet: nn.Module, rng: object
+) -> tuple[list[nn.Parameter], torch.optim.AdamW, EMA | None, TrainState]:
+    """The trainable parameters, AdamW, optional EMA and resumable state of a recipe that trains one UNet."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    modules: dict[str, nn.Module] = {"unet": unet}
+    ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    return params, optimizer, ema, TrainState(modules, {"unet": optimizer}, rng)  # type: ignore[arg-type]
+
+
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> float:
     """Clip the gradient norm, step, zero the gradients; returns the norm before clipping."""
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))

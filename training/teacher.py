@@ -13,9 +13,8 @@ from pydantic import Field, model_validator
 
 from engines.unet import GuidedUNet
 from training.batches import make_edit_sampler
-from training.checkpoint import TrainState
 from training.config import EditTrainConfig, UNetSpec, recipe_main
-from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import (
     editor_config,
     load_editor_model,
@@ -88,13 +87,7 @@ def train(config: TeacherConfig) -> Path:
     unet.train()
     model = GuidedUNet(unet, None, 1.0)
     editor = editor_config(config.prompts, config.resolution, None)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, config.lr, config.weight_decay)
-    modules: dict[str, torch.nn.Module] = {"unet": unet}
-    ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        modules["ema"] = ema
-    state = TrainState(modules, {"unet": optimizer}, rng)
+    params, optimizer, ema, state = unet_train_state(config, unet, rng)
     sampler, _ = make_edit_sampler(
         config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
     )
