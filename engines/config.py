@@ -19,9 +19,10 @@ class EditorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     resolution: int = Field(256, ge=64, le=2048, description="Square frame side the editor runs at (pixels).")
-    prompt_encoder: Literal["minilm", "clip"] = Field(
+    prompt_encoder: Literal["minilm", "minilm+sentence", "clip"] = Field(
         "minilm",
-        description="'minilm': the all-MiniLM-L6-v2 package (the shipped default); "
+        description="'minilm': the all-MiniLM-L6-v2 package's token embeddings; 'minilm+sentence': the same "
+        "after its mean-pooled sentence embedding (the shipped default); "
         "'clip': text_encoder/ + tokenizer/ subfolders (real InstructPix2Pix weights).",
     )
     max_prompt_tokens: int = Field(16, ge=2, le=77, description="Prompt tokens fed to cross-attention (padded).")

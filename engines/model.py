@@ -55,8 +55,9 @@ def _require_tokenizer(path: Path) -> None:
 
 
 def load_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
-    if config.prompt_encoder == "minilm":
-        return MiniLMPromptEncoder(tokens=config.max_prompt_tokens)
+    if config.prompt_encoder in ("minilm", "minilm+sentence"):
+        sentence_token = config.prompt_encoder == "minilm+sentence"
+        return MiniLMPromptEncoder(tokens=config.max_prompt_tokens, sentence_token=sentence_token)
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise ModelFolderError(f"{folder} needs text_encoder/ and tokenizer/ for its CLIP prompt encoder")
     require_part(folder / "text_encoder", "CLIP text encoder", TRANSFORMERS_WEIGHT_NAMES)

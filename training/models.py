@@ -67,13 +67,20 @@ def model_folder(path: Path) -> Path:
 
 def load_editor_model(path: Path, prompts: PromptSpec) -> EditorModel:
     """An EditorModel in float32 whose prompt encoder is built only if a prompt must really be encoded."""
-    return EditorModel.from_pretrained(model_folder(path), prompt_encoder=LazyPromptEncoder(prompts))
+    model = EditorModel.from_pretrained(model_folder(path), prompt_encoder=LazyPromptEncoder(prompts))
+    if prompts.encoder != "hash" and model.config.prompt_encoder != prompts.encoder:
+        raise ValueError(
+            f"{path} was trained with the '{model.config.prompt_encoder}' prompt encoder, "
+            f"the config asks for '{prompts.encoder}'"
+        )
+    return model
 
 
 def editor_config(prompts: PromptSpec, resolution: int, guidance_embedding_dim: int | None) -> EditorConfig:
     return EditorConfig(
         resolution=resolution,
-        prompt_encoder="minilm",  # the hash encoder exists only in tests, which pass their encoder explicitly
+        # The hash encoder exists only in tests, which pass their encoder explicitly.
+        prompt_encoder="minilm" if prompts.encoder == "hash" else prompts.encoder,
         max_prompt_tokens=prompts.tokens,
         guidance_embedding_dim=guidance_embedding_dim,
     )

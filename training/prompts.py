@@ -18,16 +18,17 @@ class PromptSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    encoder: Literal["minilm", "hash"] = Field(
+    encoder: Literal["minilm", "minilm+sentence", "hash"] = Field(
         "minilm",
-        description="'minilm': the shipped all-MiniLM-L6-v2 encoder; 'hash': a weight-free stand-in for tests.",
+        description="'minilm': all-MiniLM-L6-v2 token embeddings; 'minilm+sentence': the same after the sentence "
+        "embedding (engines.text.MiniLMPromptEncoder); 'hash': a weight-free stand-in for tests.",
     )
     tokens: int = Field(16, ge=2, le=77, description="Context length (the editor's max_prompt_tokens).")
     hash_dim: int = Field(32, ge=4, description="Token width of the hash encoder (ignored for minilm).")
 
     @property
     def dim(self) -> int:
-        return MiniLMPromptEncoder.dim if self.encoder == "minilm" else self.hash_dim
+        return self.hash_dim if self.encoder == "hash" else MiniLMPromptEncoder.dim
 
 
 class HashPromptEncoder(PromptEncoder):
@@ -65,8 +66,8 @@ class LazyPromptEncoder(PromptEncoder):
 
 
 def make_prompt_encoder(spec: PromptSpec) -> PromptEncoder:
-    if spec.encoder == "minilm":
-        return MiniLMPromptEncoder(tokens=spec.tokens)
+    if spec.encoder != "hash":
+        return MiniLMPromptEncoder(tokens=spec.tokens, sentence_token=spec.encoder == "minilm+sentence")
     return HashPromptEncoder(spec.hash_dim, spec.tokens)
 
 

@@ -25,21 +25,28 @@ def preset_title(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
+def trained_ranges(student: Path, config_dir: Path) -> dict[str, tuple[float, float]]:
+    """The (s_T, s_I) ranges the student was last trained on: its stage's config.json (what really ran, --set
+    overrides included), else the committed adversarial config."""
+    ran = student.parent / "config.json"
+    stage = json.loads(ran.read_text()) if ran.is_file() else {}
+    if "text_guidance_range" not in stage:
+        stage = load_raw_config(config_dir / "default_adversarial_distill.yaml")
+    return {
+        "trained_text_guidance": tuple(stage["text_guidance_range"]),
+        "trained_image_guidance": tuple(stage["image_guidance_range"]),
+    }
+
+
 def ship(student: Path, target: Path, config_dir: Path = CONFIG_DIR) -> Path:
     """Replace `target` with the student's folder plus editor.json defaults, presets.json and the model card."""
     if not (student / "unet" / "config.json").is_file():
         raise SystemExit(f"ship_default: {student} holds no trained student (run training.make_default first)")
-    distill = load_raw_config(config_dir / "default_guidance_distill.yaml")
+    ranges = trained_ranges(student, config_dir)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(student, tmp)
-    config = EditorConfig.load(tmp).model_copy(
-        update={
-            **OPERATING_POINT,
-            "trained_text_guidance": tuple(distill["text_guidance_range"]),
-            "trained_image_guidance": tuple(distill["image_guidance_range"]),
-        }
-    )
+    config = EditorConfig.load(tmp).model_copy(update={**OPERATING_POINT, **ranges})
     config.save(tmp)
     teacher = load_raw_config(config_dir / "default_teacher.yaml")
     presets = [{"name": preset_title(e.name), "prompt": e.phrasings[0]} for e in get_edits(teacher.get("edits"))]

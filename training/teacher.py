@@ -17,8 +17,8 @@ from training.config import EditTrainConfig, UNetSpec, recipe_main
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import (
     editor_config,
-    load_editor_model,
     load_taesd,
+    model_folder,
     native_target,
     save_final_editor,
     training_schedule,
@@ -78,7 +78,8 @@ def train(config: TeacherConfig) -> Path:
     num_train = len(schedule.alphas_cumprod)
     taesd = load_taesd(config.autoencoder).requires_grad_(False)
     if config.init_from is not None:
-        unet = load_editor_model(config.init_from, config.prompts).unet.unet
+        # Only the UNet is taken: a fine-tune may change the prompt encoder (e.g. add the sentence token).
+        unet = UNet2DConditionModel.from_pretrained(model_folder(config.init_from) / "unet", torch_dtype=torch.float32)
         if unet.config.time_cond_proj_dim is not None:
             raise ValueError(f"{config.init_from} is guidance-distilled; a teacher starts from a 3-pass model")
     else:
