@@ -9,7 +9,9 @@ serve: setup
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/python -m pytest -q $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

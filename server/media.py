@@ -30,9 +30,7 @@ def fit_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
 
-async def read_newest(
-    track: MediaStreamTrack, offer: Callable[[PendingFrame], None], size: int
-) -> None:
+async def read_newest(track: MediaStreamTrack, offer: Callable[[PendingFrame], None], size: int) -> None:
     """Drain `track` as fast as it delivers, handing each frame on; the mailbox keeps only the newest.
 
     aiortc's receive queue is unbounded: a consumer slower than the camera would otherwise build

@@ -19,7 +19,7 @@ def test_serve_help_lists_every_setting() -> None:
 
 
 def test_bad_settings_are_reported_cleanly() -> None:
-    for args in (["--port", "99999"], ["--max-sessions", "lots"], ["--ice-servers", "[{\"urls\": 5}]"]):
+    for args in (["--port", "99999"], ["--max-sessions", "lots"], ["--ice-servers", '[{"urls": 5}]']):
         result = run("-m", "server", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "invalid settings" in result.stderr and "Traceback" not in result.stderr

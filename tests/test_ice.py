@@ -7,16 +7,19 @@ import aioice.ice
 from server.ice import keep_reachable_candidates, pin_host_addresses, rtc_configuration
 from server.settings import IceServer, Settings
 
-OFFER = "\r\n".join(
-    [
-        "v=0",
-        "m=video 9 UDP/TLS/RTP/SAVPF 96",
-        "a=candidate:1 1 udp 2122260223 192.0.2.2 50000 typ host",
-        "a=candidate:2 1 udp 2122260223 127.0.0.1 50001 typ host",
-        "a=candidate:3 1 udp 2122260223 3f0c8a1e-0000-4000-8000-000000000000.local 50002 typ host",
-        "a=end-of-candidates",
-    ]
-) + "\r\n"
+OFFER = (
+    "\r\n".join(
+        [
+            "v=0",
+            "m=video 9 UDP/TLS/RTP/SAVPF 96",
+            "a=candidate:1 1 udp 2122260223 192.0.2.2 50000 typ host",
+            "a=candidate:2 1 udp 2122260223 127.0.0.1 50001 typ host",
+            "a=candidate:3 1 udp 2122260223 3f0c8a1e-0000-4000-8000-000000000000.local 50002 typ host",
+            "a=end-of-candidates",
+        ]
+    )
+    + "\r\n"
+)
 
 
 def test_loopback_servers_keep_only_loopback_remote_candidates() -> None:
