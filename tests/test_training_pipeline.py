@@ -73,3 +73,19 @@ def test_training_hours_add_up_resumed_segments(tmp_path: Path) -> None:
     ]
     (tmp_path / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert training_hours(tmp_path) == pytest.approx(1.0)
+
+
+def test_make_default_starts_from_committed_stage_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    committed = tmp_path / "weights"
+    (committed / "autoencoder" / "taesd").mkdir(parents=True)
+    (committed / "autoencoder" / "taesd" / "config.json").write_text("{}")
+    (committed / "teacher" / "unet").mkdir(parents=True)
+    root = tmp_path / "run"
+    make_default(["--root", str(root), "--start-from", str(committed), "--only", "autoencoder", "--only", "teacher"])
+    out = capsys.readouterr().out
+    assert (root / "autoencoder" / "final" / "taesd" / "config.json").read_text() == "{}"
+    assert (root / "teacher" / "final" / "unet").is_dir()
+    assert "autoencoder: took the committed weights" in out and "teacher: done" in out
+    make_default(["--dry-run", "--root", str(root), "--start-from", str(committed)])
+    out = capsys.readouterr().out
+    assert "took the committed" not in out and "guidance_distill: would run" in out

@@ -9,6 +9,8 @@ The committed commands (run from the repository root; the 2 CPU cores are shared
 
 `--root artifacts/other` runs the whole chain in another folder (a second run beside the first);
 `--set key=value` overrides a field in every stage (e.g. `--set steps=500` for a short trial).
+`--start-from training/weights` takes the committed final weights of any stage not yet done here (each
+stage's folder there is what its final/ would be), so a run can begin at any later stage.
 
 Re-running the same command after an interruption skips finished stages (their final/ folder exists)
 and resumes the current one from its newest checkpoint.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +31,7 @@ from training.config import load_raw_config
 from training.models import FINAL_FOLDER
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,13 @@ def main(argv: list[str] | None = None) -> None:
         "--root", type=Path, default=None, help="put every stage under this folder instead of the configs' paths"
     )
     parser.add_argument(
+        "--start-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"copy DIR/<stage> in as the final weights of stages not done yet (committed: {COMMITTED_WEIGHTS})",
+    )
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every stage"
     )
     args = parser.parse_args(argv)
@@ -101,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         overrides = stage.root_overrides(args.root) + args.overrides
         marker = stage.done_marker(args.configs, overrides)
         command = stage_command(stage, args.configs, overrides)
+        committed = args.start_from / stage.name if args.start_from is not None else None
+        if committed is not None and committed.is_dir() and not marker.exists() and not args.dry_run:
+            shutil.copytree(committed, marker)
+            print(f"[make_default] {stage.name}: took the committed weights {committed}", flush=True)
         if marker.exists() and not args.force:
             print(f"[make_default] {stage.name}: done ({marker})", flush=True)
             continue
