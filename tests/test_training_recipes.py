@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
@@ -32,7 +33,7 @@ from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_pen
 from training.edits import EDITS as ALL_EDITS
 from training.edits import get_edits
 from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
-from training.guidance_distill import GuidanceDistillConfig
+from training.guidance_distill import GuidanceDistillConfig, row_weighted_mse, row_weights
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
 from training.model_card import main as model_card
@@ -149,6 +150,8 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             lr=2e-3,
             teacher=root / "teacher",
             guidance_embedding_dim=8,
+            anchor_probability=0.25,
+            relative_text_scale_loss=True,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,
@@ -258,6 +261,16 @@ def test_conditioning_dropout_rates_are_disjoint_5_5_5() -> None:
     t = sample_timesteps(np.random.default_rng(0), 100_000, 1000, 0.1)
     assert 0 <= int(t.min()) and int(t.max()) == 999
     assert abs(float((t == 999).float().mean()) - 0.1) < 0.005
+
+
+def test_relative_text_scale_loss_weighs_exaggerated_rows_by_their_size() -> None:
+    scales = torch.tensor([[0.0, 1.0], [1.0, 0.8], [2.0, 1.5]])
+    torch.testing.assert_close(row_weights(scales, True), torch.tensor([1.0, 1.0, 0.25]))
+    torch.testing.assert_close(row_weights(scales, False), torch.ones(3))
+    prediction, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)
+    target[2] *= 2.0  # a doubled edit is twice as far away: four times the squared error, a quarter the weight
+    torch.testing.assert_close(row_weighted_mse(prediction, target, torch.ones(3)), F.mse_loss(prediction, target))
+    torch.testing.assert_close(row_weighted_mse(prediction, target, row_weights(scales, True)), torch.tensor(1.0))
 
 
 def test_logit_normal_renoising_favours_low_noise() -> None:

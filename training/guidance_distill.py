@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from engines.sampling import cfg_prediction
@@ -38,6 +37,18 @@ class GuidanceDistillConfig(EditTrainConfig):
     empty_prompt_probability: float = Field(
         0.05, ge=0, le=1, description="Rows with the empty prompt, so 'no instruction' stays defined."
     )
+    anchor_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows set to the operating point s_T = s_I = 1 (where the target is the teacher's plain "
+        "conditional output), so the scale the service runs at is never traded for the extremes.",
+    )
+    relative_text_scale_loss: bool = Field(
+        False,
+        description="Divide each row's squared error by max(1, s_T)²: a target exaggerated by s_T > 1 is "
+        "fitted to the same relative accuracy as the edit itself instead of dominating the loss.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GuidanceDistillConfig:
@@ -57,6 +68,19 @@ def sample_scales(
     s_t = rng.uniform(text_range[0], text_range[1], batch)
     s_i = rng.uniform(image_range[0], image_range[1], batch)
     return torch.from_numpy(np.stack([s_t, s_i], 1)).float()
+
+
+def row_weights(scales: torch.Tensor, relative_text_scale: bool) -> torch.Tensor:
+    """(B,) loss weights: 1/max(1, s_T)² per row when `relative_text_scale`, else ones."""
+    if not relative_text_scale:
+        return torch.ones(scales.shape[0])
+    return 1.0 / scales[:, 0].clamp(min=1.0) ** 2
+
+
+def row_weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of weight × the row's mean squared error (equal weights: plain MSE)."""
+    per_row = (prediction - target).pow(2).flatten(1).mean(1)
+    return (per_row * weights).sum() / weights.numel()
 
 
 def train(config: GuidanceDistillConfig) -> Path:
@@ -91,13 +115,14 @@ def train(config: GuidanceDistillConfig) -> Path:
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
         z_target = torch.where(empty[:, None, None, None], z_image, z_target)
         scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
+        scales[torch.from_numpy(rng.random(n) < config.anchor_probability)] = 1.0
         cond = z_image * editor.image_latent_scale
         t = sample_timesteps(rng, n, num_train, config.high_t_probability)
         x_t = schedule.add_noise(z_target, torch.randn_like(z_target), t)
         with torch.no_grad():
             guided = cfg_prediction(teacher, schedule, x_t, cond, t, context, null[None], scales[:, 0], scales[:, 1])
         prediction = student(torch.cat([x_t, cond], 1), t, context, scales)
-        loss = F.mse_loss(prediction, guided)
+        loss = row_weighted_mse(prediction, guided, row_weights(scales, config.relative_text_scale_loss))
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
