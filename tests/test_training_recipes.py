@@ -168,6 +168,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             disc_hidden=8,
             r1_every=2,
             anchor_probability=0.5,
+            relative_text_scale_loss=True,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from engines.model import EditorModel
@@ -16,7 +15,7 @@ from training.batches import make_edit_sampler
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
-from training.guidance_distill import sample_scales
+from training.guidance_distill import row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training
 from training.models import load_editor_model, save_final_editor
 
@@ -43,6 +42,9 @@ class AdversarialDistillConfig(EditTrainConfig):
         le=1,
         description="Rows set to the operating point s_T = s_I = 1 whose target is the exact edit (the input for "
         "an empty prompt) instead of the teacher's sample: real data anchoring the student where it is used.",
+    )
+    relative_text_scale_loss: bool = Field(
+        False, description="Weigh each row's reconstruction error by 1/max(1, s_T)² (as in guidance_distill)."
     )
     logit_normal_mean: float = Field(-1.0, description="Re-noising t = 999·sigmoid(N(mean, std)) (LADD: -1, 1).")
     logit_normal_std: float = Field(1.0, gt=0, description="See logit_normal_mean.")
@@ -178,7 +180,7 @@ def train(config: AdversarialDistillConfig) -> Path:
         # Generator step: reconstruction towards the target plus fooling the (now fixed) heads.
         g_features = encoder(torch.cat([fake_t, cond], 1), t_d, context, scales)
         g_adv = -heads(g_features, t_d, scales, context).mean()
-        mse = F.mse_loss(x0, x0_target)
+        mse = row_weighted_mse(x0, x0_target, row_weights(scales, config.relative_text_scale_loss))
         g_loss = config.mse_weight * mse + config.adversarial_weight * g_adv
         g_loss.backward()
         disc_optimizer.zero_grad(set_to_none=True)  # the generator's pass left gradients on the heads
