@@ -26,6 +26,7 @@ from training.adversarial_distill import AdversarialDistillConfig, logit_normal_
 from training.adversarial_distill import train as train_adversarial
 from training.autoencoder import AutoencoderConfig
 from training.autoencoder import train as train_autoencoder
+from training.batches import keep_first_token
 from training.checkpoint import checkpoint_paths
 from training.config import UNetSpec
 from training.data import DEFAULT_MEDIA_DIR
@@ -152,6 +153,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             guidance_embedding_dim=8,
             anchor_probability=0.25,
             relative_text_scale_loss=True,
+            sentence_only_probability=0.3,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,
@@ -169,6 +171,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             r1_every=2,
             anchor_probability=0.5,
             relative_text_scale_loss=True,
+            sentence_only_probability=0.3,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,
@@ -272,6 +275,14 @@ def test_relative_text_scale_loss_weighs_exaggerated_rows_by_their_size() -> Non
     target[2] *= 2.0  # a doubled edit is twice as far away: four times the squared error, a quarter the weight
     torch.testing.assert_close(row_weighted_mse(prediction, target, torch.ones(3)), F.mse_loss(prediction, target))
     torch.testing.assert_close(row_weighted_mse(prediction, target, row_weights(scales, True)), torch.tensor(1.0))
+
+
+def test_sentence_only_rows_keep_just_the_first_context_token() -> None:
+    context = torch.randn(3, 5, 4)
+    out = keep_first_token(context, torch.tensor([False, True, False]))
+    torch.testing.assert_close(out[[0, 2]], context[[0, 2]])
+    torch.testing.assert_close(out[1, 0], context[1, 0])
+    assert (out[1, 1:] == 0).all()
 
 
 def test_logit_normal_renoising_favours_low_noise() -> None:

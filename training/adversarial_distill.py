@@ -11,16 +11,16 @@ from pydantic import Field, model_validator
 
 from engines.model import EditorModel
 from engines.sampling import student_start, teacher_sample
-from training.batches import make_edit_sampler
+from training.batches import keep_first_token, make_edit_sampler
 from training.checkpoint import TrainState
-from training.config import EditTrainConfig, recipe_main
+from training.config import DistillConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
 from training.guidance_distill import row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training
 from training.models import load_editor_model, save_final_editor
 
 
-class AdversarialDistillConfig(EditTrainConfig):
+class AdversarialDistillConfig(DistillConfig):
     """MoViE's last stage (after LADD): targets from a few-step teacher, a frozen-encoder discriminator."""
 
     student_init: Path = Field(..., description="The guidance-distilled model folder the student starts from.")
@@ -151,7 +151,9 @@ def train(config: AdversarialDistillConfig) -> Path:
                 x0_target[anchored] = exact[anchored]
         x_start = student_start(schedule, torch.randn_like(z_image), t_student, None)
         ts = torch.full((n,), t_student, dtype=torch.long)
-        x0 = schedule.predict_x0(student(torch.cat([x_start, cond], 1), ts, context, scales), x_start, ts)
+        sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability)
+        student_context = keep_first_token(context, sentence_only)
+        x0 = schedule.predict_x0(student(torch.cat([x_start, cond], 1), ts, student_context, scales), x_start, ts)
 
         # Real and fake re-noised at the same logit-normal t with the same noise.
         t_d = logit_normal_timesteps(rng, n, num_train, config.logit_normal_mean, config.logit_normal_std)

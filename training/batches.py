@@ -62,6 +62,13 @@ class EditBatchSampler:
         return EditBatch(images * 2 - 1, targets * 2 - 1, ids, prompts, context)
 
 
+def keep_first_token(context: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`context` (B, L, D) with every token after the first zeroed (read as padding) in the selected rows."""
+    later = torch.zeros(context.shape[:2], dtype=torch.bool)
+    later[:, 1:] = True
+    return context.masked_fill((rows[:, None] & later)[..., None], 0.0)
+
+
 def make_edit_sampler(
     data: DataConfig,
     prompts: PromptSpec,

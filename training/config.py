@@ -114,6 +114,19 @@ class EditTrainConfig(TrainConfig):
     )
 
 
+class DistillConfig(EditTrainConfig):
+    """A recipe whose student learns from a frozen model that sees the whole prompt."""
+
+    sentence_only_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows whose student context keeps only its first token (the sentence embedding, with the "
+        "'minilm+sentence' encoder) while the frozen model reads the whole prompt: the student learns each "
+        "edit from the prompt's meaning, which carries over to phrasings it never saw.",
+    )
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data

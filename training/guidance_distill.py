@@ -11,14 +11,14 @@ from pydantic import Field, model_validator
 
 from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding
-from training.batches import make_edit_sampler
-from training.config import EditTrainConfig, recipe_main
+from training.batches import keep_first_token, make_edit_sampler
+from training.config import DistillConfig, recipe_main
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
 from training.teacher import sample_timesteps
 
 
-class GuidanceDistillConfig(EditTrainConfig):
+class GuidanceDistillConfig(DistillConfig):
     """Student = teacher + zero-initialised (s_T, s_I) embeddings; target = the teacher's guided output.
 
     Default ranges, for this editor's exact, deterministic edits: the teacher's conditional output is
@@ -121,7 +121,8 @@ def train(config: GuidanceDistillConfig) -> Path:
         x_t = schedule.add_noise(z_target, torch.randn_like(z_target), t)
         with torch.no_grad():
             guided = cfg_prediction(teacher, schedule, x_t, cond, t, context, null[None], scales[:, 0], scales[:, 1])
-        prediction = student(torch.cat([x_t, cond], 1), t, context, scales)
+        sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability)
+        prediction = student(torch.cat([x_t, cond], 1), t, keep_first_token(context, sentence_only), scales)
         loss = row_weighted_mse(prediction, guided, row_weights(scales, config.relative_text_scale_loss))
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
