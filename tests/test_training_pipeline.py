@@ -81,7 +81,7 @@ def test_make_default_starts_from_committed_stage_weights(tmp_path: Path, capsys
     (committed / "autoencoder" / "taesd" / "config.json").write_text("{}")
     (committed / "teacher" / "unet").mkdir(parents=True)
     root = tmp_path / "run"
-    make_default(["--root", str(root), "--start-from", str(committed), "--only", "autoencoder", "--only", "teacher"])
+    make_default(["--root", str(root), "--start-from", str(committed), "--only", "teacher"])
     out = capsys.readouterr().out
     assert (root / "autoencoder" / "final" / "taesd" / "config.json").read_text() == "{}"
     assert (root / "teacher" / "final" / "unet").is_dir()

@@ -107,15 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     # Idle OpenMP threads sleep instead of spinning: the cores are shared and this job runs niced.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for stage in STAGES:
-        if args.only and stage.name not in args.only:
-            continue
         overrides = stage.root_overrides(args.root) + args.overrides
         marker = stage.done_marker(args.configs, overrides)
-        command = stage_command(stage, args.configs, overrides)
+        # Before --only: a later stage run alone needs the earlier stages' weights in place.
         committed = args.start_from / stage.name if args.start_from is not None else None
         if committed is not None and committed.is_dir() and not marker.exists() and not args.dry_run:
             shutil.copytree(committed, marker)
             print(f"[make_default] {stage.name}: took the committed weights {committed}", flush=True)
+        if args.only and stage.name not in args.only:
+            continue
+        command = stage_command(stage, args.configs, overrides)
         if marker.exists() and not args.force:
             print(f"[make_default] {stage.name}: done ({marker})", flush=True)
             continue
