@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from engines.model import DEFAULT_MODEL_DIR
 from training.autoencoder import AutoencoderConfig
 from training.config import load_config
 from training.make_default import STAGES
 from training.make_default import main as make_default
 from training.model_card import training_hours
+from training.models import load_editor_model
+from training.prompts import PromptSpec
 from training.teacher import TeacherConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
@@ -89,3 +92,11 @@ def test_make_default_starts_from_committed_stage_weights(tmp_path: Path, capsys
     make_default(["--dry-run", "--root", str(root), "--start-from", str(committed)])
     out = capsys.readouterr().out
     assert "took the committed" not in out and "guidance_distill: would run" in out
+
+
+def test_a_model_is_not_loaded_with_another_prompt_encoder_than_it_was_trained_with() -> None:
+    # The shipped default reads the sentence token first; a config asking for plain tokens must fail before any
+    # prompt is encoded, not silently feed the UNet a context it never saw.
+    with pytest.raises(ValueError, match="'minilm\\+sentence' prompt encoder, the config asks for 'minilm'"):
+        load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm"))
+    assert load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm+sentence")).config.distilled
