@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from benchlib import (
     interleaved,
     machine_info,
     machine_markdown,
+    mark_end,
     median_ms,
     table,
     write_results,
@@ -386,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "autoencoder": bench_autoencoders(args.sizes, reps),
         "backends": bench_backends(args.backend_reps, threads),
     }
-    machine["loadavg_at_end"] = list(os.getloadavg())
-    machine["wall_s"] = time.perf_counter() - started
+    mark_end(machine, started)
     md, js = write_results(
         "engine_cpu",
         "Engine benchmark (CPU)",

@@ -9,13 +9,12 @@ writes bench/results/frame_budget_cpu_<date>.{md,json}. Run it on an otherwise i
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
 import torch
 from bench_engine import bench_backends
-from benchlib import command_line, machine_info, machine_markdown, table, write_results
+from benchlib import command_line, machine_info, machine_markdown, mark_end, table, write_results
 
 BUDGET_MS = 50.0
 
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         runs[threads] = bench_backends(args.reps, threads)
-    machine["loadavg_at_end"] = list(os.getloadavg())
-    machine["wall_s"] = time.perf_counter() - started
+    mark_end(machine, started)
     md, js = write_results(
         "frame_budget_cpu",
         "Frame budget of the shipped default (CPU)",

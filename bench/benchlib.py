@@ -78,6 +78,12 @@ def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
+def mark_end(machine: dict[str, Any], started: float) -> None:
+    """Record the load at the end of a run and its wall time (perf_counter seconds since `started`)."""
+    machine["loadavg_at_end"] = list(os.getloadavg())
+    machine["wall_s"] = time.perf_counter() - started
+
+
 def write_results(stem: str, title: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
     """Write bench/results/<stem>_<date>.md and .json; returns their paths."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
