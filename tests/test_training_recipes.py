@@ -137,6 +137,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             40,
             lr=2e-3,
             autoencoder=root / "autoencoder",
+            sentence_only_probability=0.3,
             unet=TINY_UNET,
             prompts=PROMPTS,
             edits=EDITS,

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from pydantic import Field, model_validator
 
 from engines.unet import GuidedUNet
-from training.batches import make_edit_sampler
+from training.batches import keep_first_token, make_edit_sampler
 from training.config import EditTrainConfig, UNetSpec, recipe_main
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import (
@@ -31,6 +31,13 @@ class TeacherConfig(EditTrainConfig):
     autoencoder: Path = Field(..., description="The autoencoder stage's output (a folder holding taesd/).")
     unet: UNetSpec = Field(default_factory=UNetSpec)
     init_from: Path | None = Field(None, description="Start from this teacher model folder's UNet.")
+    sentence_only_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows (text kept) whose context keeps only its first token, the sentence embedding with the "
+        "'minilm+sentence' encoder: the teacher must also know each edit from the prompt's meaning alone.",
+    )
     drop_text: float = Field(0.05, ge=0, le=1, description="Rows with only the text dropped (InstructPix2Pix: 5%).")
     drop_image: float = Field(0.05, ge=0, le=1, description="Rows with only the image dropped (5%).")
     drop_both: float = Field(0.05, ge=0, le=1, description="Rows with text and image dropped (5%).")
@@ -104,6 +111,9 @@ def train(config: TeacherConfig) -> Path:
             rng, n, config.drop_text, config.drop_image, config.drop_both
         )
         context = torch.where(text_dropped[:, None, None], null.expand_as(b.context), b.context)
+        # Text-dropped rows keep the whole null context: it is what CFG's unconditional passes feed.
+        sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability) & ~text_dropped
+        context = keep_first_token(context, sentence_only)
         if config.null_text_target == "identity":
             z_target = torch.where(text_dropped[:, None, None, None], z_image, z_target)
         cond = z_image * editor.image_latent_scale * (~image_dropped).float()[:, None, None, None]
