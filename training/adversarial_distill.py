@@ -13,14 +13,14 @@ from engines.model import EditorModel
 from engines.sampling import student_start, teacher_sample
 from training.batches import keep_first_token, make_edit_sampler
 from training.checkpoint import TrainState
-from training.config import DistillConfig, recipe_main
+from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
 from training.guidance_distill import row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training
 from training.models import load_editor_model, save_final_editor
 
 
-class AdversarialDistillConfig(DistillConfig):
+class AdversarialDistillConfig(EditTrainConfig):
     """MoViE's last stage (after LADD): targets from a few-step teacher, a frozen-encoder discriminator."""
 
     student_init: Path = Field(..., description="The guidance-distilled model folder the student starts from.")

@@ -112,18 +112,14 @@ class EditTrainConfig(TrainConfig):
     token_dropout: float = Field(
         0.0, ge=0, lt=1, description="Chance each prompt token's context row is zeroed (paraphrase robustness)."
     )
-
-
-class DistillConfig(EditTrainConfig):
-    """A recipe whose student learns from a frozen model that sees the whole prompt."""
-
     sentence_only_probability: float = Field(
         0.0,
         ge=0,
         le=1,
-        description="Rows whose student context keeps only its first token (the sentence embedding, with the "
-        "'minilm+sentence' encoder) while the frozen model reads the whole prompt: the student learns each "
-        "edit from the prompt's meaning, which carries over to phrasings it never saw.",
+        description="Rows whose trained model reads only the first context token (the sentence embedding, with "
+        "the 'minilm+sentence' encoder), so it learns each edit from the prompt's meaning, which carries over to "
+        "phrasings it never saw. Distillation targets still read the whole prompt; the teacher's text-dropped "
+        "rows keep the whole null context.",
     )
 
 

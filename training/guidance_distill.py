@@ -12,13 +12,13 @@ from pydantic import Field, model_validator
 from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding
 from training.batches import keep_first_token, make_edit_sampler
-from training.config import DistillConfig, recipe_main
+from training.config import EditTrainConfig, recipe_main
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
 from training.teacher import sample_timesteps
 
 
-class GuidanceDistillConfig(DistillConfig):
+class GuidanceDistillConfig(EditTrainConfig):
     """Student = teacher + zero-initialised (s_T, s_I) embeddings; target = the teacher's guided output.
 
     Default ranges, for this editor's exact, deterministic edits: the teacher's conditional output is

@@ -31,13 +31,6 @@ class TeacherConfig(EditTrainConfig):
     autoencoder: Path = Field(..., description="The autoencoder stage's output (a folder holding taesd/).")
     unet: UNetSpec = Field(default_factory=UNetSpec)
     init_from: Path | None = Field(None, description="Start from this teacher model folder's UNet.")
-    sentence_only_probability: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="Rows (text kept) whose context keeps only its first token, the sentence embedding with the "
-        "'minilm+sentence' encoder: the teacher must also know each edit from the prompt's meaning alone.",
-    )
     drop_text: float = Field(0.05, ge=0, le=1, description="Rows with only the text dropped (InstructPix2Pix: 5%).")
     drop_image: float = Field(0.05, ge=0, le=1, description="Rows with only the image dropped (5%).")
     drop_both: float = Field(0.05, ge=0, le=1, description="Rows with text and image dropped (5%).")
