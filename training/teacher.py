@@ -104,9 +104,10 @@ def train(config: TeacherConfig) -> Path:
             rng, n, config.drop_text, config.drop_image, config.drop_both
         )
         context = torch.where(text_dropped[:, None, None], null.expand_as(b.context), b.context)
-        # Text-dropped rows keep the whole null context: it is what CFG's unconditional passes feed.
-        sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability) & ~text_dropped
-        context = keep_first_token(context, sentence_only)
+        if config.sentence_only_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
+            # Text-dropped rows keep the whole null context: it is what CFG's unconditional passes feed.
+            sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability) & ~text_dropped
+            context = keep_first_token(context, sentence_only)
         if config.null_text_target == "identity":
             z_target = torch.where(text_dropped[:, None, None, None], z_image, z_target)
         cond = z_image * editor.image_latent_scale * (~image_dropped).float()[:, None, None, None]
