@@ -64,9 +64,9 @@ class EditBatchSampler:
 
 def keep_first_token(context: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`context` (B, L, D) with every token after the first zeroed (read as padding) in the selected rows."""
-    later = torch.zeros(context.shape[:2], dtype=torch.bool)
-    later[:, 1:] = True
-    return context.masked_fill((rows[:, None] & later)[..., None], 0.0)
+    out = context.clone()
+    out[rows, 1:] = 0.0
+    return out
 
 
 def make_edit_sampler(
