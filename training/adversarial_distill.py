@@ -146,9 +146,9 @@ def train(config: AdversarialDistillConfig) -> Path:
                     steps=config.target_steps,
                     guidance_distilled=target.config.distilled,
                 )
-            if anchored.any():
-                exact = torch.where(empty[:, None, None, None], z_image, taesd.encode(b.targets).latents)
-                x0_target[anchored] = exact[anchored]
+            if anchored.any():  # only the anchored rows' targets are encoded
+                exact = taesd.encode(b.targets[anchored]).latents
+                x0_target[anchored] = torch.where(empty[anchored, None, None, None], z_image[anchored], exact)
         x_start = student_start(schedule, torch.randn_like(z_image), t_student, None)
         ts = torch.full((n,), t_student, dtype=torch.long)
         sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability)
