@@ -83,15 +83,23 @@ def test_make_default_starts_from_committed_stage_weights(tmp_path: Path, capsys
     (committed / "autoencoder" / "taesd").mkdir(parents=True)
     (committed / "autoencoder" / "taesd" / "config.json").write_text("{}")
     (committed / "teacher" / "unet").mkdir(parents=True)
+    (committed / "guidance_distill" / "unet").mkdir(parents=True)
     root = tmp_path / "run"
+    # Asking for a stage retrains it from the committed stages before it, never takes it or a later one.
+    make_default(["--dry-run", "--root", str(root), "--start-from", str(committed), "--only", "teacher"])
+    out = capsys.readouterr().out
+    assert "autoencoder: would take the committed weights" in out and "teacher: would run" in out
+    assert "teacher: would take" not in out and "guidance_distill" not in out
+    assert not root.exists(), "a dry run copied weights"
+    (root / "teacher" / "final" / "unet").mkdir(parents=True)  # as if that run had finished
     make_default(["--root", str(root), "--start-from", str(committed), "--only", "teacher"])
     out = capsys.readouterr().out
     assert (root / "autoencoder" / "final" / "taesd" / "config.json").read_text() == "{}"
-    assert (root / "teacher" / "final" / "unet").is_dir()
     assert "autoencoder: took the committed weights" in out and "teacher: done" in out
+    assert not (root / "guidance_distill" / "final").exists()
     make_default(["--dry-run", "--root", str(root), "--start-from", str(committed)])
     out = capsys.readouterr().out
-    assert "took the committed" not in out and "guidance_distill: would run" in out
+    assert "guidance_distill: would take the committed weights" in out and "adversarial_distill: would run" in out
 
 
 def test_a_model_is_not_loaded_with_another_prompt_encoder_than_it_was_trained_with() -> None:

@@ -9,8 +9,9 @@ The committed commands (run from the repository root; the 2 CPU cores are shared
 
 `--root artifacts/other` runs the whole chain in another folder (a second run beside the first);
 `--set key=value` overrides a field in every stage (e.g. `--set steps=500` for a short trial).
-`--start-from training/weights` takes the committed final weights of any stage not yet done here (each
-stage's folder there is what its final/ would be), so a run can begin at any later stage.
+`--start-from training/weights` takes the committed final weights of every stage not yet done here that
+comes before the first stage named by --only (all of them without --only; each stage's folder there is what
+its final/ would be), so a run can begin at any later stage.
 
 Re-running the same command after an interruption skips finished stages (their final/ folder exists)
 and resumes the current one from its newest checkpoint.
@@ -106,12 +107,18 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Idle OpenMP threads sleep instead of spinning: the cores are shared and this job runs niced.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for stage in STAGES:
+    # Committed weights stand in only for stages before the first one asked for: `--only teacher` must
+    # retrain the teacher, not find it done, and must leave later stages to be trained from it.
+    names = [s.name for s in STAGES]
+    first_asked = min(names.index(n) for n in args.only) if args.only else len(STAGES)
+    for index, stage in enumerate(STAGES):
         overrides = stage.root_overrides(args.root) + args.overrides
         marker = stage.done_marker(args.configs, overrides)
-        # Before --only: a later stage run alone needs the earlier stages' weights in place.
         committed = args.start_from / stage.name if args.start_from is not None else None
-        if committed is not None and committed.is_dir() and not marker.exists() and not args.dry_run:
+        if committed is not None and committed.is_dir() and not marker.exists() and index < first_asked:
+            if args.dry_run:
+                print(f"[make_default] {stage.name}: would take the committed weights {committed}", flush=True)
+                continue
             shutil.copytree(committed, marker)
             print(f"[make_default] {stage.name}: took the committed weights {committed}", flush=True)
         if args.only and stage.name not in args.only:
