@@ -214,6 +214,27 @@ def test_guidance_distill_learns_resumes_and_loads_as_a_one_pass_editor(stages: 
     assert model.unet.unet.config.time_cond_proj_dim == 16
 
 
+def test_guidance_distill_can_refresh_an_existing_student(stages: dict[str, Path], tmp_path: Path) -> None:
+    def config(out: Path, **fields: Any) -> GuidanceDistillConfig:
+        base = {"lr": 1e-9, "teacher": stages["teacher"], "guidance_embedding_dim": 8, "prompts": PROMPTS}
+        return GuidanceDistillConfig.model_validate(
+            tiny(out, 2, **(base | {"edits": EDITS, "resolution": 64} | fields))
+        )
+
+    refreshed = train_guidance(config(tmp_path / "refresh", student_init=stages["guidance_distill"]))
+    before = EditorModel.from_pretrained(stages["guidance_distill"], prompt_encoder=hash_encoder()).unet.unet
+    after = EditorModel.from_pretrained(refreshed, prompt_encoder=hash_encoder()).unet.unet
+    # At a vanishing learning rate the student must still be the one it started from, embedding included.
+    for key, value in before.state_dict().items():
+        torch.testing.assert_close(after.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="has no guidance embedding"):
+        train_guidance(config(tmp_path / "from_teacher", student_init=stages["teacher"]))
+    with pytest.raises(ValueError, match="embeds each scale in 8 dims, this config in 4"):
+        train_guidance(
+            config(tmp_path / "wrong_dim", student_init=stages["guidance_distill"], guidance_embedding_dim=4)
+        )
+
+
 def _edit(editor: Editor, frame: np.ndarray, text_guidance: float) -> np.ndarray:
     params = EditParams(prompt="invert the colors", text_guidance=text_guidance, image_guidance=1.0)
     request = EditRequest(frame, editor.encode_prompt(params.prompt), params, StreamState(seed=1))

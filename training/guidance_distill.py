@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, model_validator
 
 from engines.sampling import cfg_prediction
-from engines.unet import GuidedUNet, add_guidance_embedding
+from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
 from training.batches import keep_first_token, make_edit_sampler
 from training.config import EditTrainConfig, recipe_main
 from training.loop import clip_and_step, run_training, unet_train_state
@@ -30,6 +30,11 @@ class GuidanceDistillConfig(EditTrainConfig):
     """
 
     teacher: Path = Field(..., description="The teacher stage's model folder (or its output_dir).")
+    student_init: Path | None = Field(
+        None,
+        description="Start the student from this guidance-distilled model folder instead of the teacher plus a "
+        "zero embedding (to refresh a student after its teacher was fine-tuned, at a fraction of the steps).",
+    )
     guidance_embedding_dim: int = Field(64, ge=2, description="Sinusoidal width per scale (even).")
     text_guidance_range: tuple[float, float] = Field((0.0, 2.0), description="s_T ~ U[lo, hi].")
     image_guidance_range: tuple[float, float] = Field((0.75, 1.5), description="s_I ~ U[lo, hi].")
@@ -83,6 +88,26 @@ def row_weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: to
     return (per_row * weights).sum() / weights.numel()
 
 
+def _initial_student(config: GuidanceDistillConfig, teacher_unet: torch.nn.Module) -> torch.nn.Module:
+    """The teacher's UNet plus a zero-initialised guidance embedding, or student_init's UNet when given."""
+    if config.student_init is None:
+        return add_guidance_embedding(copy.deepcopy(teacher_unet), config.guidance_embedding_dim)
+    init = load_editor_model(config.student_init, config.prompts)
+    if not init.config.distilled:
+        raise ValueError(f"{config.student_init} has no guidance embedding; it cannot initialise a student")
+    if init.config.guidance_embedding_dim != config.guidance_embedding_dim:
+        raise ValueError(
+            f"{config.student_init} embeds each scale in {init.config.guidance_embedding_dim} dims, "
+            f"this config in {config.guidance_embedding_dim}"
+        )
+    student_unet = init.unet.unet
+    if unet_config(student_unet) | {"time_cond_proj_dim": None} != unet_config(teacher_unet) | {
+        "time_cond_proj_dim": None
+    }:
+        raise ValueError(f"{config.student_init}'s UNet has a different layout from the teacher's")
+    return student_unet.float()
+
+
 def train(config: GuidanceDistillConfig) -> Path:
     """Train (or resume) the guidance-distilled student; writes output_dir/final and returns it."""
     torch.manual_seed(config.seed)
@@ -96,7 +121,7 @@ def train(config: GuidanceDistillConfig) -> Path:
     teacher_unet = teacher_model.unet.unet.requires_grad_(False).eval()
     teacher = GuidedUNet(teacher_unet, None, 1.0)
     editor = editor_config(config.prompts, config.resolution, config.guidance_embedding_dim)
-    student_unet = add_guidance_embedding(copy.deepcopy(teacher_unet), config.guidance_embedding_dim)
+    student_unet = _initial_student(config, teacher_unet)
     student_unet.requires_grad_(True).train()
     student = GuidedUNet(student_unet, editor.guidance_embedding_dim, editor.guidance_embedding_scale)
     params, optimizer, ema, state = unet_train_state(config, student_unet, rng)
