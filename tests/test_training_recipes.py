@@ -417,14 +417,17 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     assert "negative" in card and "Not evaluated yet" in card
 
 
-def test_ship_default_takes_the_ranges_the_student_really_ran(stages: dict[str, Path], tmp_path: Path) -> None:
+def test_ship_default_takes_the_ranges_and_edits_that_really_ran(stages: dict[str, Path], tmp_path: Path) -> None:
     configs = tmp_path / "configs"
     configs.mkdir()
     for name in ("teacher", "guidance_distill", "adversarial_distill"):
         (configs / f"default_{name}.yaml").write_text((CONFIGS / f"tiny_{name}.yaml").read_text())
-    # The yaml says one range, the stage's config.json (what ran) another: the shipped editor.json must say the latter.
+    # The yamls say one range and edit list, the stage's config.json (what ran) another: what ships must follow
+    # what ran, or a student trained with --set edits=... would offer presets for edits it never learnt.
     with (configs / "default_adversarial_distill.yaml").open("a") as f:
-        f.write("text_guidance_range: [0.0, 9.0]\n")
+        f.write("text_guidance_range: [0.0, 9.0]\nedits: [sepia]\n")
+    with (configs / "default_teacher.yaml").open("a") as f:
+        f.write("edits: [sepia]\n")
     (configs / "default_evaluate.yaml").write_text(f"output_dir: {tmp_path / 'report'}\n")
     ran = json.loads((stages["adversarial_distill"].parent / "config.json").read_text())
     target = ship(stages["adversarial_distill"], tmp_path / "default_model", configs)
@@ -433,7 +436,7 @@ def test_ship_default_takes_the_ranges_the_student_really_ran(stages: dict[str, 
     assert editor["trained_image_guidance"] == ran["image_guidance_range"]
     assert (editor["default_text_guidance"], editor["default_image_guidance"]) == (1.0, 1.0)
     presets = json.loads((target / "presets.json").read_text())
-    tiny_edits = get_edits(["negative", "black_and_white", "warm_sunset"])
-    assert [p["prompt"] for p in presets] == [e.phrasings[0] for e in tiny_edits]
+    assert [p["prompt"] for p in presets] == [e.phrasings[0] for e in get_edits(ran["edits"])]
+    assert presets[0]["prompt"] != get_edits(["sepia"])[0].phrasings[0]
     model = EditorModel.from_pretrained(target, prompt_encoder=hash_encoder())
     assert model.config.distilled

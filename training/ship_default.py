@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from engines.config import EditorConfig
 from engines.loader import PRESETS_NAME
@@ -25,32 +26,38 @@ def preset_title(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def trained_ranges(student: Path, config_dir: Path) -> dict[str, tuple[float, float]]:
-    """The (s_T, s_I) ranges the student was last trained on: its stage's config.json (what really ran, --set
-    overrides included), else the committed adversarial config."""
+def stage_record(student: Path, config_dir: Path) -> dict[str, Any]:
+    """What the student's stage really ran (its config.json, --set overrides included), else the committed
+    adversarial config."""
     ran = student.parent / "config.json"
     stage = json.loads(ran.read_text()) if ran.is_file() else {}
-    if "text_guidance_range" not in stage:
-        stage = load_raw_config(config_dir / "default_adversarial_distill.yaml")
+    return stage if "text_guidance_range" in stage else load_raw_config(config_dir / "default_adversarial_distill.yaml")
+
+
+def trained_ranges(stage: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """The (s_T, s_I) ranges the student was last trained on."""
     return {
         "trained_text_guidance": tuple(stage["text_guidance_range"]),
         "trained_image_guidance": tuple(stage["image_guidance_range"]),
     }
 
 
+def presets(stage: dict[str, Any]) -> list[dict[str, str]]:
+    """One preset per edit the student was trained on, prompted with the edit's canonical phrasing."""
+    return [{"name": preset_title(e.name), "prompt": e.phrasings[0]} for e in get_edits(stage.get("edits"))]
+
+
 def ship(student: Path, target: Path, config_dir: Path = CONFIG_DIR) -> Path:
     """Replace `target` with the student's folder plus editor.json defaults, presets.json and the model card."""
     if not (student / "unet" / "config.json").is_file():
         raise SystemExit(f"ship_default: {student} holds no trained student (run training.make_default first)")
-    ranges = trained_ranges(student, config_dir)
+    stage = stage_record(student, config_dir)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(student, tmp)
-    config = EditorConfig.load(tmp).model_copy(update={**OPERATING_POINT, **ranges})
+    config = EditorConfig.load(tmp).model_copy(update={**OPERATING_POINT, **trained_ranges(stage)})
     config.save(tmp)
-    teacher = load_raw_config(config_dir / "default_teacher.yaml")
-    presets = [{"name": preset_title(e.name), "prompt": e.phrasings[0]} for e in get_edits(teacher.get("edits"))]
-    (tmp / PRESETS_NAME).write_text(json.dumps(presets, indent=2) + "\n")
+    (tmp / PRESETS_NAME).write_text(json.dumps(presets(stage), indent=2) + "\n")
     card = Path(load_raw_config(config_dir / "default_evaluate.yaml")["output_dir"]) / CARD_NAME
     if card.is_file():
         shutil.copy(card, tmp / CARD_NAME)
