@@ -264,12 +264,106 @@ _DESCRIPTORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# Per edit: phrasings that describe it by its effect or by a comparison, which no template produces. v1 learnt
+# only descriptor words and missed both metaphorical held-out phrasings (emboss "…grey clay", B&W "drain the
+# colour…"); these teach the same kind of wording without using a held-out phrasing's key words.
+_FIGURATIVE: dict[str, tuple[str, ...]] = {
+    "black_and_white": (
+        "take every colour away",
+        "wash all the colour out",
+        "strip out the colours",
+        "only shades of grey",
+        "like an old newspaper photo",
+        "leave only light and shadow",
+        "as if colour had never been invented",
+    ),
+    "sepia": (
+        "make it look a hundred years old",
+        "like a yellowed old print",
+        "as if it were found in an attic",
+        "a tea-stained old photo",
+        "like a photo from the wild west",
+    ),
+    "negative": (
+        "turn light into dark and dark into light",
+        "like looking at undeveloped film",
+        "make the darks bright and the brights dark",
+        "every colour turned inside out",
+        "the opposite of every colour",
+    ),
+    "pencil_sketch": (
+        "draw it in graphite on white paper",
+        "like a drawing in a notebook",
+        "make it look scribbled with a pencil",
+        "a quick hand sketch",
+        "shade it like a pencil portrait",
+    ),
+    "pop_art": (
+        "make it loud like a comic cover",
+        "bright primary colours only",
+        "like a silkscreen in bold inks",
+        "make it look like a lichtenstein painting",
+        "punchy saturated flat colours",
+    ),
+    "warm_sunset": (
+        "make it feel like a beach at dusk",
+        "add a golden summer glow",
+        "like the light just before the sun goes down",
+        "make it honey coloured",
+        "give it a warm glow",
+    ),
+    "cold_winter": (
+        "make it feel like a snowstorm",
+        "as if it were freezing outside",
+        "like a scene from the north pole",
+        "give it a frozen blue chill",
+        "make it look like an ice palace",
+    ),
+    "thermal": (
+        "show me where it is hot and cold",
+        "like a firefighter's heat camera",
+        "make people glow by their body heat",
+        "heat vision",
+        "make it look like an infrared heat picture",
+    ),
+    "night_vision": (
+        "like spy camera footage at night",
+        "see in the dark with green goggles",
+        "make it look like a night-time surveillance camera",
+        "green tinted low light view",
+        "like a nighttime security camera",
+    ),
+    "cartoon": (
+        "make it look hand-animated",
+        "like a frame from a kids' cartoon show",
+        "turn the people into cartoon characters",
+        "give it bold outlines and flat colours",
+        "like a comic book panel",
+    ),
+    "dreamy_blur": (
+        "make it look like a fairy tale",
+        "like a soft glowing dream sequence",
+        "make it fuzzy and heavenly",
+        "blur it like a daydream",
+        "give it a soft halo of light",
+    ),
+    "emboss": (
+        "make it look like a coin",
+        "sculpt it out of stone",
+        "raise it off the surface like a medal",
+        "make it look like a plaster cast",
+        "mould it in grey metal",
+        "like an engraving on a coin",
+    ),
+}
+
+
 def _phrasings(name: str, handwritten: tuple[str, ...]) -> tuple[str, ...]:
-    """The handwritten phrasings first (the first is the canonical one), then the templated ones."""
+    """The handwritten phrasings first (the first is the canonical one), the figurative ones, then the templated."""
     adjectives, nouns = _DESCRIPTORS[name]
     generated = [t.format(a) for a in adjectives for t in _ADJECTIVE_TEMPLATES]
     generated += [t.format(n) for n in nouns for t in _NOUN_TEMPLATES]
-    return tuple(dict.fromkeys([*handwritten, *generated]))
+    return tuple(dict.fromkeys([*handwritten, *_FIGURATIVE[name], *generated]))
 
 
 EDITS: tuple[Edit, ...] = (
