@@ -38,6 +38,7 @@ from training.guidance_distill import GuidanceDistillConfig, row_weighted_mse, r
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
 from training.model_card import main as model_card
+from training.model_card import starts_from
 from training.probe import main as probe
 from training.prompts import HashPromptEncoder
 from training.ship_default import ship
@@ -414,7 +415,24 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     assert f"| guidance_distill | training/configs/default_guidance_distill.yaml | {teacher} | 30 × 2 |" in card
     assert f"| adversarial_distill | training/configs/default_adversarial_distill.yaml | {gd} | 30 × 2 |" in card
     assert "hash stand-in of the tests, 8 tokens" in card
-    assert "negative" in card and "Not evaluated yet" in card
+    assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
+    assert "Not evaluated yet" in card and "gain less than" not in card
+    # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.
+    row = {"input": {"psnr": 10.0}, "one-step student": {"psnr": 12.5}}
+    results = {
+        "methods": ["one-step student"],
+        "per_edit": {"negative": row, "black_and_white": {**row, "one-step student": {"psnr": 14.0}}},
+    }
+    (tmp_path / "report" / "results.json").write_text(json.dumps(results))
+    card = model_card(["--config", str(evaluate_config)]).read_text()
+    assert "these edits gain less than 3 dB over the input: negative (+2.50 dB)." in card
+    assert "black_and_white (" not in card
+
+
+def test_model_card_names_both_the_student_and_the_teacher_of_a_refreshed_distillation() -> None:
+    assert starts_from("guidance_distill", {"teacher": "t"}) == "t"
+    assert starts_from("guidance_distill", {"teacher": "t", "student_init": "s"}) == "s (distilling t)"
+    assert starts_from("teacher", {"init_from": None}) == "scratch"
 
 
 def test_ship_default_takes_the_ranges_and_edits_that_really_ran(stages: dict[str, Path], tmp_path: Path) -> None:
