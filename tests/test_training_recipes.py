@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -415,6 +416,17 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     assert f"| guidance_distill | training/configs/default_guidance_distill.yaml | {teacher} | 30 × 2 |" in card
     assert f"| adversarial_distill | training/configs/default_adversarial_distill.yaml | {gd} | 30 × 2 |" in card
     assert "hash stand-in of the tests, 8 tokens" in card
+    # A stage taken from committed weights reports the run recorded beside them, not the yaml's schedule.
+    committed_ae = tmp_path / "run" / "autoencoder" / "final"
+    shutil.copytree(stages["autoencoder"].parent / "final", committed_ae)
+    (committed_ae / "stage_config.json").write_text(json.dumps({"steps": 7, "batch_size": 3}))
+    (tmp_path / "run" / "adversarial_distill").mkdir()
+    shutil.copy(stages["adversarial_distill"].parent / "config.json", tmp_path / "run" / "adversarial_distill")
+    evaluate_config.write_text(
+        f"output_dir: {tmp_path / 'report'}\nstudent: {tmp_path / 'run' / 'adversarial_distill'}\n"
+    )
+    committed_card = model_card(["--config", str(evaluate_config)]).read_text()
+    assert "| autoencoder | training/configs/default_autoencoder.yaml | scratch | 7 × 3 | earlier run" in committed_card
     assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
     assert "Not evaluated yet" in card and "gain less than" not in card
     # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.

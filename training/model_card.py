@@ -13,6 +13,8 @@ from training.loop import read_loss_log
 from training.models import FINAL_FOLDER
 
 CARD_NAME = "MODEL_CARD.md"
+# Beside committed stage weights (training/weights/<stage>/): the config.json that stage really ran.
+COMMITTED_STAGE_CONFIG = "stage_config.json"
 STAGE_CONFIGS = (
     ("autoencoder", "default_autoencoder.yaml"),
     ("teacher", "default_teacher.yaml"),
@@ -79,8 +81,11 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     for name, file in STAGE_CONFIGS:
         default = load_raw_config(config_dir / file)
         stage_dirs[name] = root / name if (root / name).is_dir() else Path(default["output_dir"])
-        # The config the stage actually ran with (overrides included) is saved beside its checkpoints.
+        # The config the stage actually ran with (overrides included) is saved beside its checkpoints; a stage
+        # taken from committed weights (make_default --start-from) carries it as final/stage_config.json.
         ran = stage_dirs[name] / "config.json"
+        if not ran.is_file():
+            ran = stage_dirs[name] / FINAL_FOLDER / COMMITTED_STAGE_CONFIG
         stages[name] = json.loads(ran.read_text()) if ran.is_file() else default
     data = DataConfig.model_validate(stages["teacher"].get("data", {}))
     edits = get_edits(stages["teacher"].get("edits"))
@@ -140,12 +145,16 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     ]
     for name, file in STAGE_CONFIGS:
         cfg = stages[name]
-        hours = training_hours(stage_dirs[name])
+        logged = (stage_dirs[name] / "loss_log.jsonl").is_file()
+        hours = f"{training_hours(stage_dirs[name]):.2f}" if logged else "earlier run (committed weights)"
         lines.append(
             f"| {name} | training/configs/{file} | {starts_from(name, cfg)} "
-            f"| {cfg.get('steps')} × {cfg.get('batch_size', 16)} | {hours:.2f} |"
+            f"| {cfg.get('steps')} × {cfg.get('batch_size', 16)} | {hours} |"
         )
     lines += [
+        "",
+        "Paths under training/weights/ name the stage weights committed when the stage ran (training/README.md "
+        "names the commit).",
         "",
         f"Crops: {data.crop_size}² (the networks are convolutional and run at 256²), heavily augmented "
         "(scale, crop, flip, brightness, contrast, saturation, white balance, gamma).",
