@@ -101,9 +101,11 @@ def _initial_student(config: GuidanceDistillConfig, teacher_unet: torch.nn.Modul
             f"this config in {config.guidance_embedding_dim}"
         )
     student_unet = init.unet.unet
-    if unet_config(student_unet) | {"time_cond_proj_dim": None} != unet_config(teacher_unet) | {
-        "time_cond_proj_dim": None
-    }:
+
+    def layout(unet: torch.nn.Module) -> dict:  # type: ignore[type-arg]
+        return {**unet_config(unet), "time_cond_proj_dim": None}  # the guidance embedding aside
+
+    if layout(student_unet) != layout(teacher_unet):
         raise ValueError(f"{config.student_init}'s UNet has a different layout from the teacher's")
     return student_unet.float()
 

@@ -9,12 +9,11 @@ from pathlib import Path
 from training.config import load_raw_config
 from training.data import MEDIA_ATTRIBUTION, PHOTOS, DataConfig
 from training.edits import get_edits
+from training.evaluate import GAIN_BAR_DB
 from training.loop import read_loss_log
-from training.models import FINAL_FOLDER
+from training.models import FINAL_FOLDER, ran_config
 
 CARD_NAME = "MODEL_CARD.md"
-# Beside committed stage weights (training/weights/<stage>/): the config.json that stage really ran.
-COMMITTED_STAGE_CONFIG = "stage_config.json"
 STAGE_CONFIGS = (
     ("autoencoder", "default_autoencoder.yaml"),
     ("teacher", "default_teacher.yaml"),
@@ -29,8 +28,6 @@ _STARTS_FROM = {
     "guidance_distill": ("student_init", "teacher"),
     "adversarial_distill": ("student_init",),
 }
-# The bar issue 4 sets for every edit: the one-step student this many dB closer to the target than the input.
-GAIN_BAR_DB = 3.0
 
 
 def starts_from(name: str, stage: dict) -> str:  # type: ignore[type-arg]
@@ -81,12 +78,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     for name, file in STAGE_CONFIGS:
         default = load_raw_config(config_dir / file)
         stage_dirs[name] = root / name if (root / name).is_dir() else Path(default["output_dir"])
-        # The config the stage actually ran with (overrides included) is saved beside its checkpoints; a stage
-        # taken from committed weights (make_default --start-from) carries it as final/stage_config.json.
-        ran = stage_dirs[name] / "config.json"
-        if not ran.is_file():
-            ran = stage_dirs[name] / FINAL_FOLDER / COMMITTED_STAGE_CONFIG
-        stages[name] = json.loads(ran.read_text()) if ran.is_file() else default
+        # What the stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
+        stages[name] = ran_config(stage_dirs[name] / FINAL_FOLDER) or default
     data = DataConfig.model_validate(stages["teacher"].get("data", {}))
     edits = get_edits(stages["teacher"].get("edits"))
     lines = [

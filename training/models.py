@@ -23,6 +23,17 @@ if TYPE_CHECKING:
     from training.loop import EMA
 
 FINAL_FOLDER = "final"
+# Inside committed stage weights (training/weights/<stage>/): the config.json that stage really ran.
+COMMITTED_STAGE_CONFIG = "stage_config.json"
+
+
+def ran_config(final: Path) -> dict | None:  # type: ignore[type-arg]
+    """The config a stage's final weights were trained with (overrides included): the config.json its recipe
+    saved beside the checkpoints, or the copy committed weights carry inside; None when neither exists."""
+    for path in (Path(final).parent / "config.json", Path(final) / COMMITTED_STAGE_CONFIG):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def training_schedule() -> NoiseSchedule:

@@ -14,7 +14,7 @@ from engines.model import DEFAULT_MODEL_DIR
 from training.config import load_raw_config
 from training.edits import get_edits
 from training.model_card import CARD_NAME
-from training.models import FINAL_FOLDER
+from training.models import FINAL_FOLDER, ran_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The operating point the distillation ranges are centred on: s_T = 1 is the exact edit, s_I = 1 the input's
@@ -27,10 +27,8 @@ def preset_title(name: str) -> str:
 
 
 def stage_record(student: Path, config_dir: Path) -> dict[str, Any]:
-    """What the student's stage really ran (its config.json, --set overrides included), else the committed
-    adversarial config."""
-    ran = student.parent / "config.json"
-    stage = json.loads(ran.read_text()) if ran.is_file() else {}
+    """What the student's stage really ran (--set overrides included), else the committed adversarial config."""
+    stage = ran_config(student) or {}
     return stage if "text_guidance_range" in stage else load_raw_config(config_dir / "default_adversarial_distill.yaml")
 
 
