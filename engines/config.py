@@ -19,13 +19,15 @@ class EditorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     resolution: int = Field(256, ge=64, le=2048, description="Square frame side the editor runs at (pixels).")
-    prompt_encoder: Literal["minilm", "minilm+sentence", "clip"] = Field(
+    prompt_encoder: Literal["minilm", "minilm+sentence", "minilm-pooled", "clip"] = Field(
         "minilm",
         description="'minilm': the all-MiniLM-L6-v2 package's token embeddings; 'minilm+sentence': the same "
-        "after its mean-pooled sentence embedding (the shipped default); "
-        "'clip': text_encoder/ + tokenizer/ subfolders (real InstructPix2Pix weights).",
+        "after its mean-pooled sentence embedding; 'minilm-pooled': that sentence embedding alone, one token "
+        "(the shipped default); 'clip': text_encoder/ + tokenizer/ subfolders (real InstructPix2Pix weights).",
     )
-    max_prompt_tokens: int = Field(16, ge=2, le=77, description="Prompt tokens fed to cross-attention (padded).")
+    max_prompt_tokens: int = Field(
+        16, ge=1, le=77, description="Prompt tokens fed to cross-attention (padded); 1 for 'minilm-pooled'."
+    )
     guidance_embedding_dim: int | None = Field(
         None,
         ge=2,
@@ -59,6 +61,11 @@ class EditorConfig(BaseModel):
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.guidance_embedding_dim is not None and self.guidance_embedding_dim % 2:
             raise ValueError(f"guidance_embedding_dim must be even, got {self.guidance_embedding_dim}")
+        if (self.prompt_encoder == "minilm-pooled") != (self.max_prompt_tokens == 1):
+            raise ValueError(
+                "max_prompt_tokens must be 1 exactly when prompt_encoder is 'minilm-pooled' "
+                f"(got {self.max_prompt_tokens} with '{self.prompt_encoder}')"
+            )
         return self
 
     @property

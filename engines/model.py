@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
+from engines.attention import use_one_token_cross_attention
 from engines.autoencoder import Codec, KLCodec, TinyCodec
 from engines.config import EditorConfig
 from engines.sampling import NoiseSchedule
@@ -55,9 +56,12 @@ def _require_tokenizer(path: Path) -> None:
 
 
 def load_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
-    if config.prompt_encoder in ("minilm", "minilm+sentence"):
-        sentence_token = config.prompt_encoder == "minilm+sentence"
-        return MiniLMPromptEncoder(tokens=config.max_prompt_tokens, sentence_token=sentence_token)
+    if config.prompt_encoder in ("minilm", "minilm+sentence", "minilm-pooled"):
+        return MiniLMPromptEncoder(
+            tokens=config.max_prompt_tokens,
+            sentence_token=config.prompt_encoder == "minilm+sentence",
+            sentence_only=config.prompt_encoder == "minilm-pooled",
+        )
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise ModelFolderError(f"{folder} needs text_encoder/ and tokenizer/ for its CLIP prompt encoder")
     require_part(folder / "text_encoder", "CLIP text encoder", TRANSFORMERS_WEIGHT_NAMES)
@@ -149,6 +153,8 @@ class EditorModel:
             raise ModelFolderError(
                 f"prompt encoder gives {encoder.dim}-d tokens, the UNet attends to {unet.config.cross_attention_dim}-d"
             )
+        if encoder.tokens == 1:
+            use_one_token_cross_attention(unet)
         return cls(
             config=config,
             unet=GuidedUNet(unet, config.guidance_embedding_dim, config.guidance_embedding_scale),

@@ -29,12 +29,25 @@ class MiniLMPromptEncoder(PromptEncoder):
 
     With `sentence_token`, the first context token is the mean-pooled sentence embedding (what the model was
     trained to make similar for paraphrases) and the prompt's tokens follow it: an editor trained on a few
-    phrasings per edit can then match an unseen phrasing by its meaning, not only by shared words.
+    phrasings per edit can then match an unseen phrasing by its meaning, not only by shared words. With
+    `sentence_only` the context is that one token: no word can pull an unseen phrasing towards another edit,
+    and cross-attention over one token needs no softmax (engines.unet.OneTokenCrossAttnProcessor).
     """
 
     dim = 384
+    #: prompt tokens pooled into a sentence-only context (MiniLM was trained on up to 256)
+    pooled_max_length = 128
 
-    def __init__(self, tokens: int = 16, model_dir: str | Path | None = None, *, sentence_token: bool = False) -> None:
+    def __init__(
+        self,
+        tokens: int = 16,
+        model_dir: str | Path | None = None,
+        *,
+        sentence_token: bool = False,
+        sentence_only: bool = False,
+    ) -> None:
+        if sentence_only and tokens != 1:
+            raise ValueError(f"a sentence-only context has 1 token, not {tokens}")
         from transformers import AutoModel, AutoTokenizer
 
         if model_dir is None:
@@ -49,21 +62,25 @@ class MiniLMPromptEncoder(PromptEncoder):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.tokens = tokens
         self.sentence_token = sentence_token
+        self.sentence_only = sentence_only
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        length = self.tokens - 1 if self.sentence_token else self.tokens
+        if self.sentence_only:
+            length = self.pooled_max_length
+        else:
+            length = self.tokens - 1 if self.sentence_token else self.tokens
         batch = self._tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         mask = batch["attention_mask"][..., None].float()
         # Padding positions carry the encoder's own padding outputs (as CLIP's do in Stable Diffusion),
         # zeroed here so the context of a prompt does not depend on what padding attended to.
         hidden = self._model(**batch).last_hidden_state.float() * mask
-        if not self.sentence_token:
+        if not (self.sentence_token or self.sentence_only):
             return hidden
         sentence = hidden.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
-        return torch.cat([sentence, hidden], dim=1)
+        return sentence if self.sentence_only else torch.cat([sentence, hidden], dim=1)
 
 
 class CLIPPromptEncoder(PromptEncoder):

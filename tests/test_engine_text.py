@@ -49,3 +49,24 @@ def test_editor_config_chooses_the_sentence_token() -> None:
     plain = config.model_copy(update={"prompt_encoder": "minilm"})
     assert isinstance(encoder, MiniLMPromptEncoder) and encoder.sentence_token and encoder.tokens == 16
     assert not load_prompt_encoder(plain, Path("unused-by-minilm")).sentence_token
+
+
+def test_pooled_context_is_the_sentence_token_alone(
+    encoders: tuple[MiniLMPromptEncoder, MiniLMPromptEncoder],
+) -> None:
+    pooled = MiniLMPromptEncoder(tokens=1, sentence_only=True)
+    context = pooled.encode(PROMPTS)
+    assert context.shape == (4, 1, 384)
+    # These prompts fit in 15 tokens, so both pool the same words.
+    torch.testing.assert_close(context[:, 0], encoders[1].encode(PROMPTS)[:, 0])
+    # A long prompt is pooled over all its words, not cut to a token context's length: its 40th word counts.
+    long = "make it look like " + " and ".join(["a faded old photograph"] * 8)
+    assert not torch.allclose(pooled.encode([long + " sepia"]), pooled.encode([long + " negative"]))
+    with pytest.raises(ValueError, match="a sentence-only context has 1 token, not 16"):
+        MiniLMPromptEncoder(tokens=16, sentence_only=True)
+
+
+def test_editor_config_chooses_the_pooled_context() -> None:
+    config = EditorConfig(prompt_encoder="minilm-pooled", max_prompt_tokens=1)
+    encoder = load_prompt_encoder(config, Path("unused-by-minilm"))
+    assert isinstance(encoder, MiniLMPromptEncoder) and encoder.sentence_only and encoder.tokens == 1
