@@ -9,6 +9,7 @@ import pytest
 
 from engines.model import DEFAULT_MODEL_DIR
 from training.autoencoder import AutoencoderConfig
+from training.commit_stage import main as commit_stage
 from training.config import load_config
 from training.make_default import STAGES
 from training.make_default import main as make_default
@@ -26,7 +27,11 @@ def test_committed_default_configs_validate() -> None:
     teacher = load_config(TeacherConfig, CONFIGS / "default_teacher.yaml")
     assert teacher.unet.block_out_channels == [48, 96, 192]
     assert (teacher.drop_text, teacher.drop_image, teacher.drop_both) == (0.05, 0.05, 0.05)
-    assert teacher.prompts.encoder == "minilm+sentence" and teacher.data.crop_size == 128
+    assert teacher.prompts.encoder == "minilm-pooled" and teacher.prompts.tokens == 1
+    assert teacher.data.crop_size == 128
+    # One token is the whole prompt: dropping it would be a text drop without the null prompt's context.
+    with pytest.raises(ValueError, match="need a context of more than one token"):
+        load_config(TeacherConfig, CONFIGS / "default_teacher.yaml", ["token_dropout=0.1"])
 
 
 def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
@@ -108,3 +113,26 @@ def test_a_model_is_not_loaded_with_another_prompt_encoder_than_it_was_trained_w
     with pytest.raises(ValueError, match="'minilm\\+sentence' prompt encoder, the config asks for 'minilm'"):
         load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm"))
     assert load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm+sentence")).config.distilled
+
+
+def test_commit_stage_copies_final_weights_with_the_config_they_ran(tmp_path: Path) -> None:
+    root, weights = tmp_path / "run", tmp_path / "weights"
+    final = root / "teacher" / "final"
+    (final / "unet").mkdir(parents=True)
+    (final / "unet" / "config.json").write_text('{"new": true}')
+    (final / "MODEL_CARD.md").write_text("not a stage's business")
+    (root / "teacher" / "config.json").write_text(json.dumps({"steps": 3000, "init_from": "training/weights/teacher"}))
+    (weights / "teacher" / "unet").mkdir(parents=True)
+    (weights / "teacher" / "unet" / "stale.safetensors").write_text("old")
+    commit_stage(["--root", str(root), "--weights-dir", str(weights), "teacher"])
+    committed = weights / "teacher"
+    assert sorted(p.name for p in committed.rglob("*")) == ["config.json", "stage_config.json", "unet"]
+    assert json.loads((committed / "stage_config.json").read_text())["steps"] == 3000
+    assert json.loads((committed / "unet" / "config.json").read_text()) == {"new": True}
+    # An unfinished stage, or one whose record is missing, leaves the committed weights as they are.
+    (root / "teacher" / "config.json").unlink()
+    with pytest.raises(SystemExit, match="what the stage ran would be lost"):
+        commit_stage(["--root", str(root), "--weights-dir", str(weights), "teacher"])
+    with pytest.raises(SystemExit, match="has the guidance_distill stage finished"):
+        commit_stage(["--root", str(root), "--weights-dir", str(weights), "guidance_distill"])
+    assert (committed / "stage_config.json").is_file()

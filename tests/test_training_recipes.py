@@ -27,7 +27,7 @@ from training.adversarial_distill import AdversarialDistillConfig, logit_normal_
 from training.adversarial_distill import train as train_adversarial
 from training.autoencoder import AutoencoderConfig
 from training.autoencoder import train as train_autoencoder
-from training.batches import keep_first_token
+from training.batches import keep_first_token, mix_contexts
 from training.checkpoint import checkpoint_paths
 from training.config import UNetSpec
 from training.data import DEFAULT_MEDIA_DIR
@@ -157,6 +157,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             anchor_probability=0.25,
             relative_text_scale_loss=True,
             sentence_only_probability=0.3,
+            context_mix_probability=0.3,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,
@@ -175,6 +176,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             anchor_probability=0.5,
             relative_text_scale_loss=True,
             sentence_only_probability=0.3,
+            context_mix_probability=0.3,
             prompts=PROMPTS,
             edits=EDITS,
             resolution=64,
@@ -307,6 +309,24 @@ def test_sentence_only_rows_keep_just_the_first_context_token() -> None:
     torch.testing.assert_close(out[[0, 2]], context[[0, 2]])
     torch.testing.assert_close(out[1, 0], context[1, 0])
     assert (out[1, 1:] == 0).all()
+
+
+def test_mixed_rows_blend_their_context_with_another_row() -> None:
+    context = torch.randn(6, 1, 4)
+    rows = torch.tensor([True, False, True, True, False, False])
+    out = mix_contexts(context, rows, np.random.default_rng(0))
+    torch.testing.assert_close(out[~rows], context[~rows])
+    assert not torch.allclose(out[rows], context[rows])
+    for i in rows.nonzero().flatten().tolist():
+        # On the segment from the row to some row of the batch: out = w·c_i + (1 − w)·c_j, w in [0, 1].
+        fits = []
+        for j in range(len(context)):
+            d = context[i] - context[j]
+            w = float(((out[i] - context[j]) * d).sum() / (d * d).sum()) if d.abs().sum() > 0 else 1.0
+            fits.append(0 <= w <= 1 and torch.allclose(w * context[i] + (1 - w) * context[j], out[i], atol=1e-6))
+        assert any(fits), f"row {i} is not a blend of two rows"
+    with pytest.raises(ValueError, match="a blend of prompts has no exact target"):
+        TeacherConfig.model_validate(tiny(Path("unused"), 4, autoencoder=Path("unused"), context_mix_probability=0.1))
 
 
 def test_logit_normal_renoising_favours_low_noise() -> None:

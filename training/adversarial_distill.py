@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from engines.model import EditorModel
 from engines.sampling import student_start, teacher_sample
-from training.batches import keep_first_token, make_edit_sampler
+from training.batches import keep_first_token, make_edit_sampler, mix_contexts
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
@@ -130,6 +130,9 @@ def train(config: AdversarialDistillConfig) -> Path:
         scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
         anchored = torch.from_numpy(rng.random(n) < config.anchor_probability)
         scales[anchored] = 1.0
+        if config.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
+            mixed = torch.from_numpy(rng.random(n) < config.context_mix_probability) & ~anchored
+            context = mix_contexts(context, mixed, rng)
         cond = z_image * editor.image_latent_scale
         with torch.no_grad():
             x0_target = torch.empty_like(z_image)

@@ -69,6 +69,21 @@ def keep_first_token(context: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def mix_contexts(context: torch.Tensor, rows: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """`context` (B, L, D) with each selected row replaced by a random blend of itself and another row.
+
+    The blends are prompts no phrasing encodes to, between phrasings and between edits: a distilled model
+    trained to match its frozen teacher there follows the teacher where unseen phrasings land too.
+    """
+    out = context.clone()
+    picked = rows.nonzero().flatten()
+    if len(picked):
+        partners = torch.from_numpy(rng.integers(len(context), size=len(picked)))
+        weight = torch.from_numpy(rng.random(len(picked))).to(context.dtype)[:, None, None]
+        out[picked] = weight * context[picked] + (1 - weight) * context[partners]
+    return out
+
+
 def make_edit_sampler(
     data: DataConfig,
     prompts: PromptSpec,

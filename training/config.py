@@ -122,6 +122,23 @@ class EditTrainConfig(TrainConfig):
         "rows keep the whole null context.",
     )
 
+    context_mix_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Distillation only: rows whose prompt context is blended with another row's (training.batches."
+        "mix_contexts), with the frozen model's output on the blend as the target, so the student matches it "
+        "between phrasings and edits, where unseen phrasings land. Rows whose target is an exact edit keep theirs.",
+    )
+
+    @model_validator(mode="after")
+    def _check_one_token(self) -> EditTrainConfig:
+        # A one-token context is the whole prompt: dropping its token would be a text drop with a zero context
+        # instead of the null prompt's, and "sentence only" would change nothing.
+        if self.prompts.tokens == 1 and (self.token_dropout > 0 or self.sentence_only_probability > 0):
+            raise ValueError("token_dropout and sentence_only_probability need a context of more than one token")
+        return self
+
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
-from training.batches import keep_first_token, make_edit_sampler
+from training.batches import keep_first_token, make_edit_sampler, mix_contexts
 from training.config import EditTrainConfig, recipe_main
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
@@ -33,7 +33,8 @@ class GuidanceDistillConfig(EditTrainConfig):
     student_init: Path | None = Field(
         None,
         description="Start the student from this guidance-distilled model folder instead of the teacher plus a "
-        "zero embedding (to refresh a student after its teacher was fine-tuned, at a fraction of the steps).",
+        "zero embedding (to refresh a student after its teacher was fine-tuned, at a fraction of the steps). "
+        "It may have been trained on another prompt encoder of the same width.",
     )
     guidance_embedding_dim: int = Field(64, ge=2, description="Sinusoidal width per scale (even).")
     text_guidance_range: tuple[float, float] = Field((0.0, 2.0), description="s_T ~ U[lo, hi].")
@@ -92,7 +93,7 @@ def _initial_student(config: GuidanceDistillConfig, teacher_unet: torch.nn.Modul
     """The teacher's UNet plus a zero-initialised guidance embedding, or student_init's UNet when given."""
     if config.student_init is None:
         return add_guidance_embedding(copy.deepcopy(teacher_unet), config.guidance_embedding_dim)
-    init = load_editor_model(config.student_init, config.prompts)
+    init = load_editor_model(config.student_init, config.prompts, same_encoder=False)
     if not init.config.distilled:
         raise ValueError(f"{config.student_init} has no guidance embedding; it cannot initialise a student")
     if init.config.guidance_embedding_dim != config.guidance_embedding_dim:
@@ -141,6 +142,8 @@ def train(config: GuidanceDistillConfig) -> Path:
         empty = torch.from_numpy(rng.random(n) < config.empty_prompt_probability)
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
         z_target = torch.where(empty[:, None, None, None], z_image, z_target)
+        if config.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
+            context = mix_contexts(context, torch.from_numpy(rng.random(n) < config.context_mix_probability), rng)
         scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
         scales[torch.from_numpy(rng.random(n) < config.anchor_probability)] = 1.0
         cond = z_image * editor.image_latent_scale

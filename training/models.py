@@ -76,10 +76,14 @@ def model_folder(path: Path) -> Path:
     raise FileNotFoundError(f"no model folder (unet/config.json) at {path} or {path / FINAL_FOLDER}")
 
 
-def load_editor_model(path: Path, prompts: PromptSpec) -> EditorModel:
-    """An EditorModel in float32 whose prompt encoder is built only if a prompt must really be encoded."""
+def load_editor_model(path: Path, prompts: PromptSpec, *, same_encoder: bool = True) -> EditorModel:
+    """An EditorModel in float32 whose prompt encoder is built only if a prompt must really be encoded.
+
+    `same_encoder=False` lets a model trained on another prompt encoder of the same width start a stage
+    (its weights are fine-tuned to the new contexts; the UNet's own config still has to fit).
+    """
     model = EditorModel.from_pretrained(model_folder(path), prompt_encoder=LazyPromptEncoder(prompts))
-    if prompts.encoder != "hash" and model.config.prompt_encoder != prompts.encoder:
+    if same_encoder and prompts.encoder != "hash" and model.config.prompt_encoder != prompts.encoder:
         raise ValueError(
             f"{path} was trained with the '{model.config.prompt_encoder}' prompt encoder, "
             f"the config asks for '{prompts.encoder}'"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.text import MiniLMPromptEncoder, PromptEncoder
 
@@ -18,13 +18,22 @@ class PromptSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    encoder: Literal["minilm", "minilm+sentence", "hash"] = Field(
+    encoder: Literal["minilm", "minilm+sentence", "minilm-pooled", "hash"] = Field(
         "minilm",
         description="'minilm': all-MiniLM-L6-v2 token embeddings; 'minilm+sentence': the same after the sentence "
-        "embedding (engines.text.MiniLMPromptEncoder); 'hash': a weight-free stand-in for tests.",
+        "embedding; 'minilm-pooled': the sentence embedding alone (engines.text.MiniLMPromptEncoder); "
+        "'hash': a weight-free stand-in for tests.",
     )
-    tokens: int = Field(16, ge=2, le=77, description="Context length (the editor's max_prompt_tokens).")
+    tokens: int = Field(
+        16, ge=1, le=77, description="Context length (the editor's max_prompt_tokens); 1 for 'minilm-pooled'."
+    )
     hash_dim: int = Field(32, ge=4, description="Token width of the hash encoder (ignored for minilm).")
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptSpec:
+        if (self.encoder == "minilm-pooled") != (self.tokens == 1):
+            raise ValueError(f"tokens must be 1 exactly when encoder is 'minilm-pooled' (got {self.tokens})")
+        return self
 
     @property
     def dim(self) -> int:
@@ -67,7 +76,11 @@ class LazyPromptEncoder(PromptEncoder):
 
 def make_prompt_encoder(spec: PromptSpec) -> PromptEncoder:
     if spec.encoder != "hash":
-        return MiniLMPromptEncoder(tokens=spec.tokens, sentence_token=spec.encoder == "minilm+sentence")
+        return MiniLMPromptEncoder(
+            tokens=spec.tokens,
+            sentence_token=spec.encoder == "minilm+sentence",
+            sentence_only=spec.encoder == "minilm-pooled",
+        )
     return HashPromptEncoder(spec.hash_dim, spec.tokens)
 
 

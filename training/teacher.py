@@ -49,6 +49,8 @@ class TeacherConfig(EditTrainConfig):
         total = self.drop_text + self.drop_image + self.drop_both
         if total > 1:
             raise ValueError(f"drop_text + drop_image + drop_both = {total} > 1")
+        if self.context_mix_probability > 0:
+            raise ValueError("context_mix_probability is for distillation: a blend of prompts has no exact target")
         return self
 
 
