@@ -108,11 +108,11 @@ def test_make_default_starts_from_committed_stage_weights(tmp_path: Path, capsys
 
 
 def test_a_model_is_not_loaded_with_another_prompt_encoder_than_it_was_trained_with() -> None:
-    # The shipped default reads the sentence token first; a config asking for plain tokens must fail before any
-    # prompt is encoded, not silently feed the UNet a context it never saw.
-    with pytest.raises(ValueError, match="'minilm\\+sentence' prompt encoder, the config asks for 'minilm'"):
-        load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm"))
-    assert load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm+sentence")).config.distilled
+    # The shipped default reads one pooled token; a config asking for token contexts must fail before any prompt
+    # is encoded, not silently feed the UNet a context it never saw.
+    with pytest.raises(ValueError, match="'minilm-pooled' prompt encoder, the config asks for 'minilm\\+sentence'"):
+        load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm+sentence"))
+    assert load_editor_model(DEFAULT_MODEL_DIR, PromptSpec(encoder="minilm-pooled", tokens=1)).config.distilled
 
 
 def test_commit_stage_copies_final_weights_with_the_config_they_ran(tmp_path: Path) -> None:
