@@ -9,24 +9,19 @@ ONNX Runtime, round-robin in one run, and checks that the outputs agree. Run on 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from benchlib import (
-    command_line,
     count_flops,
     interleaved,
-    machine_info,
     machine_markdown,
-    mark_end,
     median_ms,
     table,
-    write_results,
+    thread_sweep_main,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -50,7 +45,6 @@ def models() -> dict[str, EditorModel]:
 
 
 def run(reps: int, threads: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
     variants = models()
     shipped = variants[VARIANTS[0]]
     latent = shipped.config.resolution // 8
@@ -86,19 +80,20 @@ def run(reps: int, threads: int) -> dict[str, Any]:
     }
 
 
-def report(machine: dict[str, Any], command: str, runs: list[dict[str, Any]]) -> str:
+def report(machine: dict[str, Any], command: str, runs: dict[int, dict[str, Any]]) -> str:
     rows = []
-    for r in runs:
+    for r in runs.values():
         for backend in ("torch", "onnxruntime"):
             one, full = (r["ms"][f"{backend}, {v}"] for v in VARIANTS)
             diff = max(r["max_abs_diff"][f"{backend}, {v}"] for v in VARIANTS)
             rows.append(
                 [str(r["threads"]), backend, f"{full:.2f}", f"{one:.2f}", f"**{one / full:.3f}**", f"{diff:.1e}"]
             )
-    flops = runs[0]["flops"]
+    first = next(iter(runs.values()))
+    flops = first["flops"]
     return (
         machine_markdown(machine, command)
-        + f"\nThe shipped default's UNet pass at {runs[0]['resolution']}² (batch 1, one-token prompt context), "
+        + f"\nThe shipped default's UNet pass at {first['resolution']}² (batch 1, one-token prompt context), "
         f"median of round-robin repetitions; {flops[VARIANTS[1]] / 1e9:.3f} GFLOPs with softmax attention, "
         f"{flops[VARIANTS[0]] / 1e9:.3f} with the one-token processor (torch's count).\n\n"
         + table(
@@ -111,24 +106,8 @@ def report(machine: dict[str, Any], command: str, runs: list[dict[str, Any]]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=60, help="timed UNet passes per variant and thread count")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
-    args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
-    machine = {**machine_info(), "torch_threads": " and ".join(map(str, args.threads))}
-    command = command_line()
-    started = time.perf_counter()
-    runs = [run(args.reps, threads) for threads in args.threads]
-    mark_end(machine, started)
-    md, js = write_results(
-        "cross_attention_cpu",
-        "One-token cross-attention on the shipped default (CPU)",
-        report(machine, command, runs),
-        {"machine": machine, "command": command, "runs": runs},
-    )
-    print(f"wrote {md} and {js}")
-    return 0
+    title = "One-token cross-attention on the shipped default (CPU)"
+    return thread_sweep_main(argv, __doc__ or "", ("cross_attention_cpu", title), run, report, 60)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,10 @@ writes bench/results/frame_budget_cpu_<date>.{md,json}. Run it on an otherwise i
 
 from __future__ import annotations
 
-import argparse
-import time
 from typing import Any
 
-import torch
 from bench_engine import bench_backends
-from benchlib import command_line, machine_info, machine_markdown, mark_end, table, write_results
+from benchlib import machine_markdown, table, thread_sweep_main
 
 BUDGET_MS = 50.0
 
@@ -49,27 +46,8 @@ def report(machine: dict[str, Any], command: str, runs: dict[int, dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=40, help="timed frames per backend and thread count")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
-    args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
-    machine = {**machine_info(), "torch_threads": " and ".join(map(str, args.threads))}
-    command = command_line()
-    started = time.perf_counter()
-    runs: dict[int, dict[str, Any]] = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        runs[threads] = bench_backends(args.reps, threads)
-    mark_end(machine, started)
-    md, js = write_results(
-        "frame_budget_cpu",
-        "Frame budget of the shipped default (CPU)",
-        report(machine, command, runs),
-        {"machine": machine, "command": command, "budget_ms": BUDGET_MS, "runs": runs},
-    )
-    print(f"wrote {md} and {js}")
-    return 0
+    title = "Frame budget of the shipped default (CPU)"
+    return thread_sweep_main(argv, __doc__ or "", ("frame_budget_cpu", title), bench_backends, report, 40)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -113,3 +114,35 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def thread_sweep_main(
+    argv: list[str] | None,
+    doc: str,
+    result: tuple[str, str],
+    measure: Callable[[int, int], dict[str, Any]],
+    report: Callable[[dict[str, Any], str, dict[int, dict[str, Any]]], str],
+    reps: int,
+) -> int:
+    """A benchmark's command line: `measure(reps, threads)` at each --threads, then `report` into result files.
+
+    `result` is the (file stem, title) of bench/results/<stem>_<date>.{md,json}.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=reps, help="timed calls per variant and thread count")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+    machine = {**machine_info(), "torch_threads": " and ".join(map(str, args.threads))}
+    command = command_line()
+    started = time.perf_counter()
+    runs: dict[int, dict[str, Any]] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        runs[threads] = measure(args.reps, threads)
+    mark_end(machine, started)
+    md, js = write_results(
+        result[0], result[1], report(machine, command, runs), {"machine": machine, "command": command, "runs": runs}
+    )
+    print(f"wrote {md} and {js}")
+    return 0
