@@ -31,7 +31,7 @@ class MiniLMPromptEncoder(PromptEncoder):
     trained to make similar for paraphrases) and the prompt's tokens follow it: an editor trained on a few
     phrasings per edit can then match an unseen phrasing by its meaning, not only by shared words. With
     `sentence_only` the context is that one token: no word can pull an unseen phrasing towards another edit,
-    and cross-attention over one token needs no softmax (engines.unet.OneTokenCrossAttnProcessor).
+    and cross-attention over one token needs no softmax (engines.attention.OneTokenCrossAttnProcessor).
     """
 
     dim = 384
