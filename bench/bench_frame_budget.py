@@ -47,7 +47,8 @@ def report(machine: dict[str, Any], command: str, runs: dict[int, dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     title = "Frame budget of the shipped default (CPU)"
-    return thread_sweep_main(argv, __doc__ or "", ("frame_budget_cpu", title), bench_backends, report, 40)
+    result = ("frame_budget_cpu", title)
+    return thread_sweep_main(argv, __doc__ or "", result, bench_backends, report, 40, {"budget_ms": BUDGET_MS})
 
 
 if __name__ == "__main__":

@@ -123,10 +123,11 @@ def thread_sweep_main(
     measure: Callable[[int, int], dict[str, Any]],
     report: Callable[[dict[str, Any], str, dict[int, dict[str, Any]]], str],
     reps: int,
+    extra: dict[str, Any] | None = None,
 ) -> int:
     """A benchmark's command line: `measure(reps, threads)` at each --threads, then `report` into result files.
 
-    `result` is the (file stem, title) of bench/results/<stem>_<date>.{md,json}.
+    `result` is the (file stem, title) of bench/results/<stem>_<date>.{md,json}; `extra` goes into the JSON too.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=reps, help="timed calls per variant and thread count")
@@ -142,7 +143,10 @@ def thread_sweep_main(
         runs[threads] = measure(args.reps, threads)
     mark_end(machine, started)
     md, js = write_results(
-        result[0], result[1], report(machine, command, runs), {"machine": machine, "command": command, "runs": runs}
+        result[0],
+        result[1],
+        report(machine, command, runs),
+        {"machine": machine, "command": command, **(extra or {}), "runs": runs},
     )
     print(f"wrote {md} and {js}")
     return 0

@@ -9,8 +9,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EDITOR_CONFIG_NAME = "editor.json"
+# The prompt encoder whose context is one token, MiniLM's pooled sentence embedding.
+POOLED_ENCODER = "minilm-pooled"
 # Stable Diffusion's VAE latent scaling factor; TAESD latents are already multiplied by it.
 SD_LATENT_SCALING = 0.18215
+
+
+def require_one_token_exactly_when_pooled(encoder: str, tokens: int, encoder_field: str, tokens_field: str) -> None:
+    """A pooled context is one token and every other context longer: a config saying otherwise is an error."""
+    if (encoder == POOLED_ENCODER) != (tokens == 1):
+        raise ValueError(
+            f"{tokens_field} must be 1 exactly when {encoder_field} is '{POOLED_ENCODER}' "
+            f"(got {tokens} with '{encoder}')"
+        )
 
 
 class EditorConfig(BaseModel):
@@ -61,11 +72,9 @@ class EditorConfig(BaseModel):
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.guidance_embedding_dim is not None and self.guidance_embedding_dim % 2:
             raise ValueError(f"guidance_embedding_dim must be even, got {self.guidance_embedding_dim}")
-        if (self.prompt_encoder == "minilm-pooled") != (self.max_prompt_tokens == 1):
-            raise ValueError(
-                "max_prompt_tokens must be 1 exactly when prompt_encoder is 'minilm-pooled' "
-                f"(got {self.max_prompt_tokens} with '{self.prompt_encoder}')"
-            )
+        require_one_token_exactly_when_pooled(
+            self.prompt_encoder, self.max_prompt_tokens, "prompt_encoder", "max_prompt_tokens"
+        )
         return self
 
     @property

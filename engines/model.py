@@ -56,12 +56,8 @@ def _require_tokenizer(path: Path) -> None:
 
 
 def load_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
-    if config.prompt_encoder in ("minilm", "minilm+sentence", "minilm-pooled"):
-        return MiniLMPromptEncoder(
-            tokens=config.max_prompt_tokens,
-            sentence_token=config.prompt_encoder == "minilm+sentence",
-            sentence_only=config.prompt_encoder == "minilm-pooled",
-        )
+    if config.prompt_encoder in MiniLMPromptEncoder.CONTEXTS:
+        return MiniLMPromptEncoder.named(config.prompt_encoder, config.max_prompt_tokens)
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise ModelFolderError(f"{folder} needs text_encoder/ and tokenizer/ for its CLIP prompt encoder")
     require_part(folder / "text_encoder", "CLIP text encoder", TRANSFORMERS_WEIGHT_NAMES)

@@ -37,6 +37,14 @@ class MiniLMPromptEncoder(PromptEncoder):
     dim = 384
     #: prompt tokens pooled into a sentence-only context (MiniLM was trained on up to 256)
     pooled_max_length = 128
+    #: the contexts by editor.json name: (sentence_token, sentence_only)
+    CONTEXTS = {"minilm": (False, False), "minilm+sentence": (True, False), "minilm-pooled": (False, True)}
+
+    @classmethod
+    def named(cls, name: str, tokens: int) -> MiniLMPromptEncoder:
+        """The encoder an editor.json `prompt_encoder` name (one of CONTEXTS) stands for."""
+        sentence_token, sentence_only = cls.CONTEXTS[name]
+        return cls(tokens=tokens, sentence_token=sentence_token, sentence_only=sentence_only)
 
     def __init__(
         self,

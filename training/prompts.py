@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.config import require_one_token_exactly_when_pooled
 from engines.text import MiniLMPromptEncoder, PromptEncoder
 
 
@@ -31,8 +32,7 @@ class PromptSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> PromptSpec:
-        if (self.encoder == "minilm-pooled") != (self.tokens == 1):
-            raise ValueError(f"tokens must be 1 exactly when encoder is 'minilm-pooled' (got {self.tokens})")
+        require_one_token_exactly_when_pooled(self.encoder, self.tokens, "encoder", "tokens")
         return self
 
     @property
@@ -76,11 +76,7 @@ class LazyPromptEncoder(PromptEncoder):
 
 def make_prompt_encoder(spec: PromptSpec) -> PromptEncoder:
     if spec.encoder != "hash":
-        return MiniLMPromptEncoder(
-            tokens=spec.tokens,
-            sentence_token=spec.encoder == "minilm+sentence",
-            sentence_only=spec.encoder == "minilm-pooled",
-        )
+        return MiniLMPromptEncoder.named(spec.encoder, spec.tokens)
     return HashPromptEncoder(spec.hash_dim, spec.tokens)
 
 
