@@ -8,9 +8,10 @@ import torch
 def sinusoidal_embedding(values: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
     """Embed scalars (B,) as (B, dim) [sin | cos] features, as LCM embeds its guidance scale w."""
     half = dim // 2
-    # The same operations in the same order as diffusers' LCM get_guidance_scale_embedding (bit-identical).
-    exponent = torch.log(torch.tensor(10000.0)) / max(half - 1, 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -exponent).to(values.device)
+    # The same operations in the same order as diffusers' LCM get_guidance_scale_embedding (bit-identical),
+    # made on the values' device: a copy from host memory would break CUDA-graph capture of the UNet.
+    exponent = torch.log(torch.full((), 10000.0, device=values.device)) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=values.device) * -exponent)
     args = (values.float() * scale)[:, None] * freqs[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
