@@ -18,7 +18,21 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engines.text import PromptEncoder
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class RandomPromptEncoder(PromptEncoder):
+    """Contexts of a model's shape from a seeded generator: speed does not depend on what the prompt says."""
+
+    def __init__(self, dim: int, tokens: int) -> None:
+        self.dim, self.tokens = dim, tokens
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return torch.stack(
+            [torch.randn(self.tokens, self.dim, generator=torch.Generator().manual_seed(len(p))) for p in prompts]
+        )
 
 
 def cpu_model() -> str:
