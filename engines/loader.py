@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.backends.base import Backend, BackendUnavailable
 from engines.config import EditorConfig
 from engines.editor import Editor
 from engines.model import DEFAULT_MODEL_DIR, EditorModel
 from engines.params import EditParams
-from engines.text import CachedPromptEncoder
+from engines.run_options import require_cuda_graph_on_torch_cuda
+from engines.text import CachedPromptEncoder, PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ class EngineSpec(BaseModel):
     threads: int | None = Field(None, ge=1, description="CPU threads for the backend (None = library default).")
     max_batch: int = Field(8, ge=1, le=64, description="Most rows in one batched call (TensorRT profiles use it).")
     cache_dir: Path | None = Field(None, description="Exported graphs and engines (default ~/.cache/streamedit).")
+    cuda_graph: bool = Field(False, description="Torch on CUDA: replay a captured CUDA graph per batch size.")
+
+    @model_validator(mode="after")
+    def _cuda_graph_fits(self) -> EngineSpec:
+        require_cuda_graph_on_torch_cuda(self.backend, self.device, self.cuda_graph)
+        return self
 
 
 def make_backend(model: EditorModel, spec: EngineSpec, resolution: int) -> Backend:
@@ -58,12 +65,18 @@ def make_backend(model: EditorModel, spec: EngineSpec, resolution: int) -> Backe
         return OnnxRuntimeBackend(model, resolution, spec.cache_dir, threads=spec.threads, providers=providers)
     from engines.backends.torch_backend import TorchBackend
 
-    return TorchBackend(model, device=spec.device)
+    # One graph per batch size the worker can form, so none is evicted and captured again mid-stream.
+    return TorchBackend(model, device=spec.device, cuda_graph=spec.cuda_graph, max_graphs=spec.max_batch)
 
 
-def load_editor(spec: EngineSpec) -> Editor:
-    """Load the model the spec names and wrap it, with its backend and prompt cache, as an Editor."""
-    model = EditorModel.from_pretrained(spec.weights or DEFAULT_MODEL_DIR, taesd=spec.taesd)
+def load_editor(spec: EngineSpec, prompt_encoder: PromptEncoder | None = None) -> Editor:
+    """Load the model the spec names and wrap it, with its backend and prompt cache, as an Editor.
+
+    `prompt_encoder` replaces the model's own (a benchmark's stand-in where MiniLM is not installed).
+    """
+    model = EditorModel.from_pretrained(
+        spec.weights or DEFAULT_MODEL_DIR, taesd=spec.taesd, prompt_encoder=prompt_encoder
+    )
     if spec.resolution is not None:
         model.config = model.config.model_copy(update={"resolution": spec.resolution})
     backend = make_backend(model, spec, model.config.resolution)

@@ -42,6 +42,7 @@ def load_configured_editor(settings: Settings) -> BatchEditor:
         threads=settings.threads,
         max_batch=settings.max_batch,
         cache_dir=settings.cache_dir,
+        cuda_graph=settings.cuda_graph,
     )
     return load_editor(spec)
 

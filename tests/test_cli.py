@@ -14,7 +14,7 @@ def test_serve_help_lists_every_setting() -> None:
     result = run("-m", "streamedit.cli", "serve", "--help")
     assert result.returncode == 0
     for flag in ["--port", "--max-sessions", "--max-batch", "--backend", "--weights", "--ice-servers",
-                 "--ice-host-addresses", "--resolution"]:  # fmt: skip
+                 "--ice-host-addresses", "--resolution", "--cuda-graph"]:  # fmt: skip
         assert flag in result.stdout
 
 
@@ -25,6 +25,14 @@ def test_bad_settings_are_reported_cleanly() -> None:
         assert "invalid settings" in result.stderr and "Traceback" not in result.stderr
     result = run("-m", "server", "--backend", "cuda-magic")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_cuda_graph_is_refused_off_the_torch_backend_on_cuda() -> None:
+    for args in (["--cuda-graph", "true"], ["--cuda-graph", "true", "--backend", "torch"]):
+        result = run("-m", "server", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "cuda_graph needs the torch backend on a CUDA device" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_unknown_command_is_an_error() -> None:

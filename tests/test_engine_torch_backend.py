@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from engines.backends.torch_backend import CudaGraphRunner, TorchBackend
+from engines.editor import Editor, EditRequest
+from engines.loader import EngineSpec, load_editor
 from engines.model import EditorModel
+from engines.params import EditParams
+from engines.temporal import StreamState
 from tests.test_engine_loading import TINY_IMAGE, make_tiny_student_folder
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -42,6 +48,9 @@ def test_cuda_options_are_refused_on_the_cpu(folder: Path) -> None:
             TorchBackend(model, "cpu", **options)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         CudaGraphRunner(model.unet, torch.device("cpu"))
+    for backend, device in (("torch", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda")):
+        with pytest.raises(ValidationError, match="cuda_graph needs the torch backend on a CUDA device"):
+            EngineSpec(backend=backend, device=device, cuda_graph=True)
 
 
 def test_cpu_backend_runs_fp32_and_equals_the_modules(folder: Path) -> None:
@@ -97,3 +106,29 @@ def test_torch_compile_matches_eager(folder: Path) -> None:
     compiled = TorchBackend(EditorModel.from_pretrained(folder), "cuda", compile=True)
     args = [a.cuda() for a in _unet_inputs(eager.model, 2, seed=3)]
     torch.testing.assert_close(compiled.denoise(*args), eager.denoise(*args), atol=1e-2, rtol=1e-2)
+
+
+def _edit_frames(editor: Editor, frames: list[np.ndarray]) -> list[np.ndarray]:
+    prompt = "make it blue"
+    requests = [
+        EditRequest(frame, editor.encode_prompt(prompt), EditParams(prompt=prompt, seed=i), StreamState(i))
+        for i, frame in enumerate(frames)
+    ]
+    return [result.frame for result in editor.edit(requests)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_service_engine_keeps_one_cuda_graph_per_batch_size(folder: Path) -> None:
+    spec = {"weights": folder, "backend": "torch", "device": "cuda", "max_batch": 3}
+    eager = load_editor(EngineSpec(**spec))
+    graphed = load_editor(EngineSpec(**spec, cuda_graph=True))
+    unet_runner = graphed.backend.graph_runners[0]  # type: ignore[attr-defined]
+    assert unet_runner.max_graphs == 3
+    rng = np.random.default_rng(0)
+    size = graphed.resolution
+    for batch in (1, 2, 3, 1, 3, 2):
+        frames = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+        for got, want in zip(_edit_frames(graphed, frames), _edit_frames(eager, frames), strict=True):
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    assert unet_runner.captures == 3, "every batch size the worker forms keeps its graph"

@@ -1,0 +1,11 @@
+"""Rules on how an engine may be run, checked both by EngineSpec and by the service's settings (no torch import)."""
+
+from __future__ import annotations
+
+
+def require_cuda_graph_on_torch_cuda(backend: str, device: str, cuda_graph: bool) -> None:
+    """CUDA-graph replay is the torch backend's, on a CUDA device: asking for it elsewhere is an error."""
+    if cuda_graph and (backend != "torch" or not device.startswith("cuda")):
+        raise ValueError(
+            f"cuda_graph needs the torch backend on a CUDA device (got backend {backend}, device {device})"
+        )
