@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
     cuda_graph: bool = Field(
         False,
-        description="Torch backend on CUDA: replay one captured CUDA graph per batch size (3.6-4.6x the frames/s "
-        "of eager on an H100, bench/results/engine_gpu_default_2026-11-22.md).",
+        description="Torch backend on CUDA: replay one captured CUDA graph per batch size (on an H100, 4.6x eager's "
+        "frames/s for 1 frame a call, 3.6x for 16: bench/results/engine_gpu_default_2026-11-22.md).",
     )
     weights: Path | None = Field(None, description="Model folder (default: the shipped default editor).")
     taesd: Path | None = Field(None, description="TAESD folder overriding the model's own autoencoder.")
