@@ -23,8 +23,8 @@ from benchlib import (
     count_flops,
     machine_info,
     machine_markdown,
+    publish,
     table,
-    write_results,
 )
 from diffusers import AutoencoderTiny, UNet2DConditionModel
 
@@ -248,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         print("smoke test on the CPU: results not written")
         return 0
-    md, js = write_results(
-        f"engine_gpu_{args.model}{'_' + args.tag if args.tag else ''}",
+    return publish(
+        f"engine_gpu_{args.model}",
+        args.tag,
         f"Engine benchmark (GPU): {args.model}",
-        "\n".join(parts),
+        parts,
         {
             "machine": machine,
             "command": command,
@@ -262,9 +263,6 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
         },
     )
-    print("\n".join(parts[1:]))
-    print(f"wrote {md} and {js}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import RandomPromptEncoder, command_line, machine_info, machine_markdown, table, write_results
+from benchlib import RandomPromptEncoder, command_line, machine_info, machine_markdown, publish, table
 
 from engines.config import EditorConfig
 from engines.editor import Editor, EditRequest
@@ -231,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n",
     ]
-    md, js = write_results(
-        f"worker_{'gpu' if on_gpu else 'cpu'}{'_' + args.tag if args.tag else ''}",
+    return publish(
+        f"worker_{'gpu' if on_gpu else 'cpu'}",
+        args.tag,
         "Worker capacity (engine only)",
-        "\n".join(parts),
+        parts,
         {
             "machine": machine,
             "command": command,
@@ -243,9 +244,6 @@ def main(argv: list[str] | None = None) -> int:
             "steps": steps,
         },
     )
-    print("\n".join(parts[1:]))
-    print(f"wrote {md} and {js}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -110,6 +110,15 @@ def write_results(stem: str, title: str, markdown: str, data: dict[str, Any]) ->
     return md_path, json_path
 
 
+def publish(stem: str, tag: str, title: str, parts: list[str], data: dict[str, Any]) -> int:
+    """Write `parts` (the machine header first) and `data` as bench/results/<stem>[_<tag>]_<date>.{md,json},
+    print the parts after the header, and return the exit status 0."""
+    md, js = write_results(f"{stem}_{tag}" if tag else stem, title, "\n".join(parts), data)
+    print("\n".join(parts[1:]))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
 def machine_markdown(machine: dict[str, Any], command: str) -> str:
     load = ", ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
     end = machine.get("loadavg_at_end")
