@@ -126,14 +126,10 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "",
         "## Training (reproduce from the repository root)",
         "",
-        "The committed configs' full schedule, from scratch:",
-        "",
-        "```",
-        "nohup nice -n 19 .venv/bin/python -m training.make_default > artifacts/train.log 2>&1 &",
-        "```",
-        "",
-        "What this model's stages really ran (each stage's saved config.json; the exact command lines of the "
-        'shipped versions are in training/README.md, "How the shipped default was made"):',
+        "The shipped model comes from short warm-started runs, each stage starting from the weights the one "
+        'before committed: training/README.md, "How the shipped default was made", gives every version\'s exact '
+        "commands and the commit whose training/weights it starts from. What this model's stages ran (each "
+        "stage's saved config.json):",
         "",
         "| stage | config | starts from | steps × batch | wall-clock hours (2 shared CPU cores) |",
         "|---|---|---|---|---|",
@@ -150,6 +146,13 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "",
         "Paths under training/weights/ name the stage weights committed when the stage ran (training/README.md "
         "names the commit).",
+        "",
+        "The committed configs' own step counts train every stage from scratch, a far longer schedule that did "
+        "not make this model:",
+        "",
+        "```",
+        "nohup nice -n 19 .venv/bin/python -m training.make_default > artifacts/train.log 2>&1 &",
+        "```",
         "",
         f"Crops: {data.crop_size}² (the networks are convolutional and run at 256²), heavily augmented "
         "(scale, crop, flip, brightness, contrast, saturation, white balance, gamma).",
