@@ -9,6 +9,7 @@ from pathlib import Path
 from engines.backends.base import BackendUnavailable
 from engines.export import GRAPH_NAMES, export_onnx, onnx_folder
 from engines.model import DEFAULT_MODEL_DIR, EditorModel, ModelFolderError
+from engines.spec import DEFAULT_MAX_BATCH
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--taesd", type=Path, default=None, help="a TAESD folder to use instead of the model's own")
     parser.add_argument("--resolution", type=int, default=None, help="square frame side (default: the model's)")
-    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the TensorRT engines take")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"largest batch the TensorRT engines take (default {DEFAULT_MAX_BATCH}, as `streamedit serve`)",
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EDITOR_CONFIG_NAME = "editor.json"
+# The shipped default editor, embedded in the package.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 # The prompt encoder whose context is one token, MiniLM's pooled sentence embedding.
 POOLED_ENCODER = "minilm-pooled"
 # Stable Diffusion's VAE latent scaling factor; TAESD latents are already multiplied by it.

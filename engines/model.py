@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
 from engines.attention import use_one_token_cross_attention
 from engines.autoencoder import Codec, KLCodec, TinyCodec
-from engines.config import EditorConfig
+from engines.config import DEFAULT_MODEL_DIR, EditorConfig
 from engines.sampling import NoiseSchedule
 from engines.text import CLIPPromptEncoder, MiniLMPromptEncoder, PromptEncoder
 from engines.unet import GuidedUNet
@@ -24,7 +24,6 @@ SCHEDULER_FOLDER = "scheduler"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
 #: The model the service runs when no weights path is given; trained by training/make_default.py.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 
 class ModelFolderError(ValueError):

@@ -1,6 +1,6 @@
-"""EngineWorker: the one thread that runs the editor, batching the newest pending frame of every stream.
+"""The batching engine: per-stream newest-frame slots, the batch policy, EngineCore.step() and its thread.
 
-The hot-path rule: only `EngineWorker._step` loops over a batch; everything else handles one stream.
+The hot-path rule: only `EngineCore.run` loops over a batch; everything else handles one stream.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from engines.editor import EditRequest, EditResult
 from engines.params import EditParams
+from engines.spec import DEFAULT_MAX_BATCH
 from engines.temporal import StreamState
 
 log = logging.getLogger(__name__)
@@ -150,23 +151,109 @@ class _Running:
     result: EditResult | None = field(default=None)
 
 
-class EngineWorker:
-    """A daemon thread that edits frames for every registered stream, batched, newest frame first."""
+class EngineCore:
+    """The batching loop's body without threads: streams register their slots, each `step()` edits one batch."""
 
     def __init__(
-        self,
-        editor: BatchEditor,
-        max_batch: int = 8,
-        policy: BatchPolicy | None = None,
-        on_batch: Callable[[BatchStats], None] | None = None,
+        self, editor: BatchEditor, max_batch: int = DEFAULT_MAX_BATCH, policy: BatchPolicy | None = None
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.editor = editor
         self.max_batch = max_batch
         self.policy = policy or OldestFirst()
+        self.slots: dict[str, FrameSlot] = {}
+        self.batches = 0
+
+    @property
+    def resolution(self) -> int:
+        return self.editor.resolution
+
+    def ready(self) -> list[FrameSlot]:
+        return [s for s in self.slots.values() if s.has_pending()]
+
+    def step(self) -> tuple[list[tuple[FrameSlot, FrameOutcome]], BatchStats] | None:
+        """Edit the policy's choice of ready streams in one call; None when no stream has a frame."""
+        ready = self.ready()
+        if not ready:
+            return None
+        return self.run(self.policy.select(ready, self.max_batch))
+
+    def run(self, chosen: list[FrameSlot]) -> tuple[list[tuple[FrameSlot, FrameOutcome]], BatchStats]:
+        """Take one frame from each chosen stream, edit them in one call, and return each stream's outcome."""
+        running: list[_Running] = []
+        for slot in chosen:
+            taken = slot.take()
+            if taken is not None:
+                running.append(_Running(slot, taken[0], taken[1]))
+        for item in running:
+            try:
+                item.pixels = item.pending.pixels()
+            except Exception as exc:  # an undecodable frame fails alone
+                item.error = exc
+        good = [r for r in running if r.error is None]
+        started = time.perf_counter()
+        self._edit(good)
+        seconds = time.perf_counter() - started
+        self.batches += 1
+        outcomes = []
+        for item in running:
+            failed = item.error is not None or item.result is None
+            frame = item.pixels if failed else item.result.frame  # type: ignore[union-attr]
+            if frame is None:
+                frame = np.zeros((self.resolution, self.resolution, 3), np.uint8)
+            outcome = FrameOutcome(
+                frame=frame,
+                pending=item.pending,
+                skipped=bool(item.result and item.result.skipped),
+                error=item.error if failed else None,
+                batch_size=len(running),
+                conditions_version=item.conditions.version,
+            )
+            outcomes.append((item.slot, outcome))
+        stats = BatchStats(
+            size=len(good),
+            seconds=seconds,
+            failed_frames=sum(r.error is not None for r in running),
+            skipped_frames=sum(bool(r.result and r.result.skipped) for r in running),
+        )
+        return outcomes, stats
+
+    def _edit(self, items: list[_Running]) -> None:
+        """One batched call; if it raises, each frame is retried alone so only the culprit fails."""
+        if not items:
+            return
+        try:
+            results = self.editor.edit([self._request(r) for r in items])
+            for item, result in zip(items, results, strict=True):
+                item.result = result
+            return
+        except Exception as exc:
+            if len(items) == 1:
+                items[0].error = exc
+                log.warning("stream %s: frame failed in the engine: %r", items[0].slot.stream_id, exc)
+                return
+        for item in items:
+            self._edit([item])
+
+    @staticmethod
+    def _request(item: _Running) -> EditRequest:
+        assert item.pixels is not None
+        return EditRequest(item.pixels, item.conditions.context, item.conditions.params, item.slot.state)
+
+
+class EngineWorker:
+    """A daemon thread that runs an EngineCore for every registered stream, handing outcomes to their slots."""
+
+    def __init__(
+        self,
+        editor: BatchEditor,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        policy: BatchPolicy | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.core = EngineCore(editor, max_batch, policy)
         self.on_batch = on_batch or (lambda stats: None)
-        self._slots: dict[str, FrameSlot] = {}
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
@@ -174,11 +261,22 @@ class EngineWorker:
         # event loop and the batch loop.
         self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
         self.exited = threading.Event()
-        self.batches = 0
+
+    @property
+    def editor(self) -> BatchEditor:
+        return self.core.editor
+
+    @property
+    def max_batch(self) -> int:
+        return self.core.max_batch
+
+    @property
+    def batches(self) -> int:
+        return self.core.batches
 
     @property
     def resolution(self) -> int:
-        return self.editor.resolution
+        return self.core.resolution
 
     def start(self) -> None:
         self._thread.start()
@@ -202,94 +300,32 @@ class EngineWorker:
 
         slot._wake = wake
         with self._cond:
-            self._slots[slot.stream_id] = slot
+            self.core.slots[slot.stream_id] = slot
 
     def remove(self, stream_id: str) -> None:
         with self._cond:
-            slot = self._slots.pop(stream_id, None)
+            slot = self.core.slots.pop(stream_id, None)
         if slot is not None:
             slot._wake = lambda: None
-
-    def _ready(self) -> list[FrameSlot]:
-        return [s for s in self._slots.values() if s.has_pending()]
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._stop and not self._ready():
+                    while not self._stop and not self.core.ready():
                         self._cond.wait(timeout=0.5)
                     if self._stop:
                         return
-                    chosen = self.policy.select(self._ready(), self.max_batch)
-                self._step(chosen)
+                    chosen = self.core.policy.select(self.core.ready(), self.core.max_batch)
+                outcomes, stats = self.core.run(chosen)
+                for slot, outcome in outcomes:
+                    try:
+                        slot.on_outcome(outcome)
+                    except Exception:
+                        log.exception("result callback of stream %s failed", slot.stream_id)
+                self.on_batch(stats)
         except Exception:  # pragma: no cover - a bug in the loop itself, not in a frame
             log.exception("engine worker loop crashed")
         finally:
+            log.info("engine worker thread exited")
             self.exited.set()
-
-    def _step(self, chosen: list[FrameSlot]) -> None:
-        """Take one frame from each chosen stream, edit them in one call, hand each outcome back."""
-        running: list[_Running] = []
-        for slot in chosen:
-            taken = slot.take()
-            if taken is not None:
-                running.append(_Running(slot, taken[0], taken[1]))
-        for item in running:
-            try:
-                item.pixels = item.pending.pixels()
-            except Exception as exc:  # an undecodable frame fails alone
-                item.error = exc
-        good = [r for r in running if r.error is None]
-        started = time.perf_counter()
-        self._edit(good)
-        seconds = time.perf_counter() - started
-        self.batches += 1
-        for item in running:
-            failed = item.error is not None or item.result is None
-            frame = item.pixels if failed else item.result.frame  # type: ignore[union-attr]
-            if frame is None:
-                frame = np.zeros((self.resolution, self.resolution, 3), np.uint8)
-            try:
-                item.slot.on_outcome(
-                    FrameOutcome(
-                        frame=frame,
-                        pending=item.pending,
-                        skipped=bool(item.result and item.result.skipped),
-                        error=item.error if failed else None,
-                        batch_size=len(running),
-                        conditions_version=item.conditions.version,
-                    )
-                )
-            except Exception:
-                log.exception("result callback of stream %s failed", item.slot.stream_id)
-        self.on_batch(
-            BatchStats(
-                size=len(good),
-                seconds=seconds,
-                failed_frames=sum(r.error is not None for r in running),
-                skipped_frames=sum(bool(r.result and r.result.skipped) for r in running),
-            )
-        )
-
-    def _edit(self, items: list[_Running]) -> None:
-        """One batched call; if it raises, each frame is retried alone so only the culprit fails."""
-        if not items:
-            return
-        try:
-            results = self.editor.edit([self._request(r) for r in items])
-            for item, result in zip(items, results, strict=True):
-                item.result = result
-            return
-        except Exception as exc:
-            if len(items) == 1:
-                items[0].error = exc
-                log.warning("stream %s: frame failed in the engine: %r", items[0].slot.stream_id, exc)
-                return
-        for item in items:
-            self._edit([item])
-
-    @staticmethod
-    def _request(item: _Running) -> EditRequest:
-        assert item.pixels is not None
-        return EditRequest(item.pixels, item.conditions.context, item.conditions.params, item.slot.state)

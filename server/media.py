@@ -12,7 +12,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from engines.worker import FrameOutcome, PendingFrame
+from engines.client import EngineOutcome
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,12 @@ def fit_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
 
-async def read_newest(track: MediaStreamTrack, offer: Callable[[PendingFrame], None], size: int) -> None:
-    """Drain `track` as fast as it delivers, handing each frame on; the mailbox keeps only the newest.
+FrameSink = Callable[[Callable[[], np.ndarray], float, object], None]
+
+
+async def read_newest(track: MediaStreamTrack, offer: FrameSink, size: int) -> None:
+    """Drain `track` as fast as it delivers, handing each frame on (with a converter that runs only if the
+    engine takes it); the engine stream keeps only the newest.
 
     aiortc's receive queue is unbounded: a consumer slower than the camera would otherwise build
     seconds of latency. Returns when the track ends.
@@ -43,13 +47,7 @@ async def read_newest(track: MediaStreamTrack, offer: Callable[[PendingFrame], N
             return
         if not isinstance(frame, av.VideoFrame):
             continue
-        offer(
-            PendingFrame(
-                pixels=lambda frame=frame: fit_frame(frame, size),  # type: ignore[misc]
-                received_at=time.monotonic(),
-                meta=(frame.pts, frame.time_base),
-            )
-        )
+        offer(lambda frame=frame: fit_frame(frame, size), time.monotonic(), (frame.pts, frame.time_base))
 
 
 class EditedVideoTrack(MediaStreamTrack):
@@ -59,12 +57,12 @@ class EditedVideoTrack(MediaStreamTrack):
 
     def __init__(self, on_sent: Callable[[float, int], None]) -> None:
         super().__init__()
-        self._latest: FrameOutcome | None = None
+        self._latest: EngineOutcome | None = None
         self._new = asyncio.Event()
         self._last_pts: int | None = None
         self._on_sent = on_sent
 
-    def deliver(self, outcome: FrameOutcome) -> None:
+    def deliver(self, outcome: EngineOutcome) -> None:
         """Make `outcome` the next frame to send (an unsent older one is superseded). Event-loop only."""
         self._latest = outcome
         self._new.set()
@@ -78,7 +76,7 @@ class EditedVideoTrack(MediaStreamTrack):
         if outcome is None or self.readyState != "live":
             raise MediaStreamError
         frame = av.VideoFrame.from_ndarray(outcome.frame, format="rgb24")
-        pts, time_base = outcome.pending.meta
+        pts, time_base = outcome.meta if outcome.meta is not None else (None, None)
         if pts is None:
             pts, time_base = int(time.monotonic() * 90000), fractions.Fraction(1, 90000)
         # The encoder needs increasing timestamps; a reordered or repeated camera pts is nudged forward.
@@ -86,7 +84,7 @@ class EditedVideoTrack(MediaStreamTrack):
             pts = self._last_pts + 1
         self._last_pts = pts
         frame.pts, frame.time_base = pts, time_base
-        self._on_sent(time.monotonic() - outcome.pending.received_at, pts)
+        self._on_sent(time.monotonic() - outcome.received_at, pts)
         return frame
 
     def stop(self) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engines.worker import BatchStats
+from engines.client import BatchReport, EngineHealth
 
 LATENCY_BUCKETS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -42,6 +42,16 @@ class ServiceMetrics:
         self.dropped = _FrameCounter("frames_dropped", "Camera frames superseded before editing.", r)
         self.skipped = _FrameCounter("frames_skipped", "Frames answered by the similarity skip.", r)
         self.failed = _FrameCounter("frames_failed", "Frames the engine raised on (sent unedited).", r)
+        self.unedited = _FrameCounter(
+            "frames_unedited", "Camera frames sent back unedited while the engine was down.", r
+        )
+        self.engine_up = Gauge("streamedit_engine_up", "1 while the engine is loaded, warm and connected.", registry=r)
+        self.engine_restarts = Gauge(
+            "streamedit_engine_restarts", "Engine processes started after the first one this worker saw.", registry=r
+        )
+        self.engine_losses = Counter(
+            "streamedit_engine_losses", "Times this media worker lost its engine (process exit or silence).", registry=r
+        )
         self.session_fps = Gauge("streamedit_session_edited_fps", "Edited frames per second.", ["session"], registry=r)
         self.total_fps = Gauge("streamedit_edited_fps", "Edited frames per second, all sessions.", registry=r)
         self.latency = Histogram(
@@ -54,7 +64,11 @@ class ServiceMetrics:
             "streamedit_batch_size", "Frames per engine call.", buckets=BATCH_BUCKETS, registry=r
         )
         self.engine_seconds = Histogram(
-            "streamedit_engine_batch_seconds", "Engine time per batched call.", buckets=ENGINE_BUCKETS, registry=r
+            "streamedit_engine_batch_seconds",
+            "Engine time per batched call, by the number of frames in it.",
+            ["batch_size"],
+            buckets=ENGINE_BUCKETS,
+            registry=r,
         )
         self._labelled = (
             self.frames_in.per_session,
@@ -62,13 +76,18 @@ class ServiceMetrics:
             self.dropped.per_session,
             self.skipped.per_session,
             self.failed.per_session,
+            self.unedited.per_session,
             self.session_fps,
         )
 
-    def observe_batch(self, stats: BatchStats) -> None:
-        if stats.size:
-            self.batch_size.observe(stats.size)
-            self.engine_seconds.observe(stats.seconds)
+    def observe_batch(self, report: BatchReport) -> None:
+        if report.size:
+            self.batch_size.observe(report.size)
+            self.engine_seconds.labels(str(report.size)).observe(report.seconds)
+
+    def observe_engine(self, health: EngineHealth) -> None:
+        self.engine_up.set(1 if health.ready else 0)
+        self.engine_restarts.set(health.restarts)
 
     def forget_session(self, session_id: str) -> None:
         for metric in self._labelled:

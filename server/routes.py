@@ -1,4 +1,4 @@
-"""HTTP endpoints: each one validates, calls the session registry or the engine state, and returns JSON."""
+"""HTTP endpoints: each one validates, calls the session registry or the engine client, and returns JSON."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
+from engines.client import EngineClient, RoutedCall, RoutedReply
 from engines.params import EditParams, EditParamsPatch
-from server.errors import Unavailable
+from server.metrics import ServiceMetrics
 from server.sessions import SessionRegistry
 
 router = APIRouter()
@@ -35,11 +36,17 @@ class EditResponse(BaseModel):
 
 
 def registry_of(request: Request) -> SessionRegistry:
-    state = request.app.state
-    if state.registry is None:
-        reason = state.engine_error or "the engine is still loading"
-        raise Unavailable(reason, headers={"Retry-After": str(state.settings.retry_after_s)})
-    return state.registry
+    return request.app.state.registry
+
+
+def engine_of(request: Request) -> EngineClient:
+    return request.app.state.engine
+
+
+def reply(answer: RoutedReply) -> Response:
+    if answer.body is None:
+        return Response(status_code=answer.status)
+    return JSONResponse(answer.body, status_code=answer.status)
 
 
 @router.get("/healthz", tags=["ops"])
@@ -50,13 +57,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["ops"])
 async def readyz(request: Request) -> JSONResponse:
-    """200 when the engine is loaded and warmed and a session can be admitted, else 503."""
-    state = request.app.state
-    if state.registry is None:
-        return JSONResponse({"ready": False, "reason": state.engine_error or "engine loading"}, status_code=503)
-    registry: SessionRegistry = state.registry
-    left = registry.capacity_left()
-    body = {"ready": left > 0, "sessions": len(registry), "capacity_left": max(left, 0)}
+    """200 when the engine is loaded, warm and connected and a session can be admitted, else 503."""
+    health = engine_of(request).health()
+    registry = registry_of(request)
+    if not health.ready:
+        return JSONResponse({"ready": False, "reason": health.reason or "engine not ready"}, status_code=503)
+    left = health.capacity_left
+    body: dict[str, object] = {"ready": left > 0, "sessions": len(registry), "capacity_left": max(left, 0)}
     if left <= 0:
         body["reason"] = "session limit reached"
     return JSONResponse(body, status_code=200 if left > 0 else 503)
@@ -64,9 +71,10 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", tags=["ops"])
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.registry
-    sessions = registry.sessions() if registry is not None else []
-    body = request.app.state.metrics.render((s.id, s.stats.edited_fps()) for s in sessions)
+    registry = registry_of(request)
+    service_metrics: ServiceMetrics = request.app.state.metrics
+    service_metrics.observe_engine(engine_of(request).health())
+    body = service_metrics.render((s.id, s.stats.edited_fps()) for s in registry.sessions())
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -74,25 +82,24 @@ async def metrics(request: Request) -> Response:
 async def presets(request: Request) -> dict[str, object]:
     """The loaded model's edits as one-click prompts, the params a session starts with, and the guidance ranges
     it was trained on (beyond them an edit extrapolates)."""
-    state = request.app.state
-    return {"presets": state.presets, "defaults": state.default_params.model_dump(), "ranges": state.guidance_ranges}
+    info = engine_of(request).info
+    return {"presets": info.presets, "defaults": info.default_params.model_dump(), "ranges": info.guidance_ranges}
 
 
 @router.post("/v1/sessions", status_code=201, response_model=AnswerResponse, tags=["sessions"])
 async def create_session(request: Request, offer: OfferRequest) -> AnswerResponse:
     """Open a session from a complete SDP offer; the answer carries the edited video track."""
-    registry = registry_of(request)
-    params = request.app.state.default_params
+    params = engine_of(request).info.default_params
     if offer.edit is not None:  # the fields the client gave, over the model's defaults
         params = EditParams.model_validate({**params.model_dump(), **offer.edit.model_dump(exclude_unset=True)})
-    session, answer = await registry.create(offer.sdp, params)
+    session, answer = await registry_of(request).create(offer.sdp, params)
     return AnswerResponse(session_id=session.id, token=session.token, sdp=answer.sdp, edit=session.params)
 
 
 @router.get("/v1/sessions/{session_id}", tags=["sessions"])
-async def get_session(request: Request, session_id: str) -> dict[str, object]:
-    """Effective params and live stats of a session."""
-    return registry_of(request).get(session_id).describe()
+async def get_session(request: Request, session_id: str) -> Response:
+    """Effective params and live stats of a session (whichever media worker holds it)."""
+    return reply(await registry_of(request).call(RoutedCall("get", session_id)))
 
 
 @router.patch("/v1/sessions/{session_id}", response_model=EditResponse, tags=["sessions"])
@@ -101,17 +108,13 @@ async def patch_session(
     session_id: str,
     patch: EditParamsPatch = Body(...),  # noqa: B008 - FastAPI's way to declare a body
     authorization: str | None = Header(None),
-) -> EditResponse:
+) -> Response:
     """Change some edit params; they take effect on the next edited frame."""
-    registry = registry_of(request)
-    session = registry.authorize(session_id, authorization)
-    return EditResponse(edit=await session.update(patch, registry.worker))
+    body = patch.model_dump(exclude_unset=True)
+    return reply(await registry_of(request).call(RoutedCall("patch", session_id, authorization, body)))
 
 
 @router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(request: Request, session_id: str, authorization: str | None = Header(None)) -> Response:
     """Close the peer connection and free everything the session held."""
-    registry = registry_of(request)
-    registry.authorize(session_id, authorization)
-    await registry.close(session_id)
-    return Response(status_code=204)
+    return reply(await registry_of(request).call(RoutedCall("delete", session_id, authorization)))

@@ -7,13 +7,24 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 
+import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from engines.client import (
+    EngineClient,
+    EngineError,
+    EngineFull,
+    EngineOutcome,
+    EngineStream,
+    RoutedCall,
+    RoutedReply,
+    StreamNotFound,
+)
 from engines.params import EditParams, EditParamsPatch
-from engines.worker import Conditions, EngineWorker, FrameOutcome, FrameSlot, PendingFrame
-from server.errors import BadOffer, Forbidden, SessionNotFound, Unauthorized, Unavailable
+from server.errors import BadOffer, Forbidden, ServiceError, SessionNotFound, Unauthorized, Unavailable
 from server.ice import keep_reachable_candidates, rtc_configuration
 from server.media import EditedVideoTrack, read_newest
 from server.metrics import ServiceMetrics
@@ -26,26 +37,19 @@ log = logging.getLogger(__name__)
 class Session:
     """One viewer: a peer connection, its camera reader, its edited output track and its parameters."""
 
-    def __init__(
-        self,
-        registry: SessionRegistry,
-        pc: RTCPeerConnection,
-        params: EditParams,
-        conditions: Conditions,
-    ) -> None:
-        self.id = uuid.uuid4().hex
+    def __init__(self, registry: SessionRegistry, pc: RTCPeerConnection, session_id: str, params: EditParams) -> None:
+        self.id = session_id
         self.token = secrets.token_urlsafe(24)
         self.pc = pc
         self.params = params
         self.created_at = time.monotonic()
         self.stats = SessionStats()
         self.closed = False
+        self.stream: EngineStream | None = None
         self._registry = registry
-        self._loop = asyncio.get_running_loop()
         self._update_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self.output = EditedVideoTrack(on_sent=self._sent)
-        self.slot = FrameSlot(self.id, conditions, on_outcome=self._outcome_from_worker)
 
     @property
     def state(self) -> str:
@@ -54,26 +58,27 @@ class Session:
     def start_reading(self, track: MediaStreamTrack, size: int) -> None:
         self._reader = asyncio.ensure_future(read_newest(track, self._offer, size))
 
-    def _offer(self, frame: PendingFrame) -> None:
-        replaced = self.slot.offer(frame)
+    def _offer(self, pixels: Callable[[], np.ndarray], received_at: float, meta: object) -> None:
+        if self.stream is None:
+            return
+        replaced = self.stream.submit(pixels, received_at, meta)
         self.stats.frame_received(replaced)
         metrics = self._registry.metrics
         metrics.frames_in.inc(self.id)
         if replaced:
             metrics.dropped.inc(self.id)
 
-    def _outcome_from_worker(self, outcome: FrameOutcome) -> None:
-        # Called on the engine thread: hand over to the event loop, which owns the track and the stats.
-        self._loop.call_soon_threadsafe(self._deliver, outcome)
-
-    def _deliver(self, outcome: FrameOutcome) -> None:
+    def deliver(self, outcome: EngineOutcome) -> None:
+        """An engine outcome, on the event loop: count it and make it the next frame to send."""
         if self.closed:
             return
         failed = outcome.error is not None
-        self.stats.frame_done(outcome.batch_size, outcome.skipped, failed)
+        self.stats.frame_done(outcome.batch_size, outcome.skipped, failed, outcome.unedited)
         metrics = self._registry.metrics
         if failed:
             metrics.failed.inc(self.id)
+        elif outcome.unedited:
+            metrics.unedited.inc(self.id)
         else:
             metrics.edited.inc(self.id)
             if outcome.skipped:
@@ -84,14 +89,11 @@ class Session:
         self.stats.frame_sent(latency_s, pts)
         self._registry.metrics.latency.observe(latency_s)
 
-    async def update(self, patch: EditParamsPatch, worker: EngineWorker) -> EditParams:
-        """Apply a partial update; a new prompt is encoded (off the loop) before the swap."""
+    async def update(self, patch: EditParamsPatch, engine: EngineClient) -> EditParams:
+        """Apply a partial update; the engine encodes a new prompt before both take effect together."""
         async with self._update_lock:
             params = patch.apply(self.params)
-            context = self.slot.conditions.context
-            if params.prompt != self.params.prompt:
-                context = await asyncio.wrap_future(worker.encode_prompt(params.prompt))
-            self.slot.set_conditions(params, context)
+            await engine.update_stream(self.id, params)
             self.params = params
             return params
 
@@ -111,14 +113,13 @@ class Session:
 
 
 class SessionRegistry:
-    """Creates sessions within the admission limit, finds and authorizes them, and reaps dead ones."""
+    """Creates sessions within the engine's admission, answers calls on them (here or where they live), reaps."""
 
-    def __init__(self, settings: Settings, worker: EngineWorker, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, engine: EngineClient, metrics: ServiceMetrics) -> None:
         self.settings = settings
-        self.worker = worker
+        self.engine = engine
         self.metrics = metrics
         self._sessions: dict[str, Session] = {}
-        self._admitting = 0  # sessions being negotiated: they count against the limit too
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -126,28 +127,35 @@ class SessionRegistry:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def capacity_left(self) -> int:
-        return self.settings.max_sessions - len(self._sessions) - self._admitting
-
     async def create(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
         """Negotiate a new session from a complete (non-trickle) offer; returns it with its answer."""
-        if self.capacity_left() <= 0:
-            self.metrics.rejected.inc()
-            raise Unavailable(
-                f"server full: {self.settings.max_sessions} sessions are open",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            )
-        self._admitting += 1
-        try:
-            return await self._negotiate(sdp, params)
-        finally:
-            self._admitting -= 1
-
-    async def _negotiate(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
-        context = await asyncio.wrap_future(self.worker.encode_prompt(params.prompt))
+        session_id = uuid.uuid4().hex
         pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
-        session = Session(self, pc, params, Conditions(params, context))
-        size = self.worker.resolution
+        session = Session(self, pc, session_id, params)
+        try:
+            # The engine admits (counting every media worker's sessions) and encodes the prompt first.
+            session.stream = await self.engine.open_stream(session_id, params, session.deliver)
+        except EngineFull as exc:
+            await pc.close()
+            self.metrics.rejected.inc()
+            raise Unavailable(str(exc), headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except EngineError as exc:
+            await pc.close()
+            raise Unavailable(str(exc), headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        try:
+            answer = await self._negotiate(session, sdp)
+        except BaseException:
+            await session.close()
+            await self.engine.close_stream(session_id)
+            raise
+        self._sessions[session.id] = session
+        self.metrics.active_sessions.set(len(self._sessions))
+        log.info("session %s opened (%d open here)", session.id, len(self._sessions))
+        return session, answer
+
+    async def _negotiate(self, session: Session, sdp: str) -> RTCSessionDescription:
+        pc = session.pc
+        size = self.engine.info.resolution
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -160,23 +168,15 @@ class SessionRegistry:
                 await self.close(session.id)
 
         try:
-            try:
-                sdp = keep_reachable_candidates(sdp, self.settings.host_addresses())
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            except Exception as exc:
-                raise BadOffer(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
-            if not any(t.kind == "video" for t in pc.getTransceivers()):
-                raise BadOffer("the offer has no video section: send the camera as a video track")
-            pc.addTrack(session.output)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except BaseException:
-            await session.close()
-            raise
-        self._sessions[session.id] = session
-        self.worker.add(session.slot)
-        self.metrics.active_sessions.set(len(self._sessions))
-        log.info("session %s opened (%d open)", session.id, len(self._sessions))
-        return session, pc.localDescription
+            sdp = keep_reachable_candidates(sdp, self.settings.host_addresses())
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:
+            raise BadOffer(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
+        if not any(t.kind == "video" for t in pc.getTransceivers()):
+            raise BadOffer("the offer has no video section: send the camera as a video track")
+        pc.addTrack(session.output)
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -194,15 +194,46 @@ class SessionRegistry:
             raise Forbidden("this token does not belong to this session")
         return session
 
+    async def call(self, call: RoutedCall) -> RoutedReply:
+        """A GET, PATCH or DELETE of a session: answered here if it lives here, else where it lives."""
+        if call.session_id in self._sessions:
+            return await self.answer(call)
+        try:
+            return await self.engine.route(call)
+        except StreamNotFound:
+            raise SessionNotFound(f"no session {call.session_id!r}") from None
+        except EngineError as exc:
+            # Another media worker may hold it, but only the engine knows which: say so, and when to retry.
+            raise Unavailable(
+                f"session {call.session_id!r} is not held by this worker and the engine cannot route: {exc}",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from exc
+
+    async def answer(self, call: RoutedCall) -> RoutedReply:
+        """Carry out a call on a session this worker holds; errors become their status and message."""
+        try:
+            if call.op == "get":
+                return RoutedReply(200, self.get(call.session_id).describe())
+            session = self.authorize(call.session_id, call.authorization)
+            if call.op == "patch":
+                params = await session.update(EditParamsPatch.model_validate(call.body), self.engine)
+                return RoutedReply(200, {"edit": params.model_dump()})
+            await self.close(call.session_id)
+            return RoutedReply(204, None)
+        except ServiceError as exc:
+            return RoutedReply(exc.status, {"detail": exc.message})
+        except EngineError as exc:
+            return RoutedReply(exc.status, {"detail": str(exc)})
+
     async def close(self, session_id: str) -> bool:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return False
-        self.worker.remove(session_id)
+        await self.engine.close_stream(session_id)
         await session.close()
         self.metrics.forget_session(session_id)
         self.metrics.active_sessions.set(len(self._sessions))
-        log.info("session %s closed (%d open)", session_id, len(self._sessions))
+        log.info("session %s closed (%d open here)", session_id, len(self._sessions))
         return True
 
     async def close_all(self) -> None:
@@ -227,4 +258,7 @@ class SessionRegistry:
                 if never_connected or gone:
                     log.info("reaping session %s (state %s)", session.id, state)
                     disconnected_since.pop(session.id, None)
-                    await self.close(session.id)
+                    try:
+                        await self.close(session.id)
+                    except Exception:
+                        log.exception("reaping session %s failed", session.id)

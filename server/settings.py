@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engines.run_options import require_cuda_graph_on_torch_cuda
+from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
+
+
+def default_media_workers() -> int:
+    """Half the cores, 1 to 8: media costs ~0.1 core a session at 256², and the engine wants cores too."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class IceServer(BaseModel):
@@ -30,7 +36,21 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     resolution: int | None = Field(None, ge=64, le=2048, description="Editor resolution (default: the model's).")
     max_sessions: int = Field(4, ge=1, le=1024, description="Sessions beyond this get 503 with Retry-After.")
-    max_batch: int = Field(4, ge=1, le=64, description="Most frames (one per session) in one engine call.")
+    max_batch: int = Field(
+        DEFAULT_MAX_BATCH, ge=1, le=64, description="Most frames (one per session) in one engine call."
+    )
+    engine: EngineMode = Field(
+        "process",
+        description="'process': the engine core in a process of its own, restarted if it dies (the default); "
+        "'thread': on a thread of the one media process (debugging).",
+    )
+    media_workers: int = Field(
+        default_factory=lambda: default_media_workers(),
+        ge=1,
+        le=64,
+        description="Processes that run WebRTC media and the HTTP API, all feeding the one engine process "
+        "(default: half the cores, 1 to 8).",
+    )
     backend: Literal["torch", "onnxruntime", "tensorrt"] = Field("onnxruntime", description="Engine backend.")
     device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
     cuda_graph: bool = Field(
@@ -63,9 +83,24 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
     @model_validator(mode="after")
-    def _cuda_graph_fits(self) -> Settings:
-        require_cuda_graph_on_torch_cuda(self.backend, self.device, self.cuda_graph)
+    def _engine_fits(self) -> Settings:
+        self.engine_spec()  # cuda_graph only on torch + CUDA, and the rest of EngineSpec's checks
+        if self.engine == "thread" and self.media_workers > 1:
+            raise ValueError(f"the in-thread engine serves one media worker, not {self.media_workers}")
         return self
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(
+            weights=self.weights,
+            taesd=self.taesd,
+            backend=self.backend,
+            device=self.device,
+            resolution=self.resolution,
+            threads=self.threads,
+            max_batch=self.max_batch,
+            cache_dir=self.cache_dir,
+            cuda_graph=self.cuda_graph,
+        )
 
     def host_addresses(self) -> list[str] | None:
         """The addresses to pin as ICE host candidates, or None for aioice's own choice."""

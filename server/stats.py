@@ -20,6 +20,7 @@ class SessionStats:
         self.dropped = 0  # camera frames replaced by a newer one before the engine took them
         self.skipped = 0  # frames the similarity filter answered with the previous output
         self.errors = 0  # frames the engine raised on (sent unedited)
+        self.unedited = 0  # frames sent back unedited because the engine was down (restarting)
         self.last_batch_size = 0
         # pts of the first frame sent back, in the receiver's timeline (pts counted from the first camera
         # frame received): with it a client can tell which of its frames each edited frame came from,
@@ -33,11 +34,14 @@ class SessionStats:
         if replaced_pending:
             self.dropped += 1
 
-    def frame_done(self, batch_size: int, skipped: bool, failed: bool) -> None:
-        self.last_batch_size = batch_size
+    def frame_done(self, batch_size: int, skipped: bool, failed: bool, unedited: bool = False) -> None:
         if failed:
             self.errors += 1
             return
+        if unedited:
+            self.unedited += 1
+            return
+        self.last_batch_size = batch_size
         self.frames_edited += 1
         self.skipped += int(skipped)
         now = time.monotonic()
@@ -71,6 +75,7 @@ class SessionStats:
             "dropped": self.dropped,
             "skipped": self.skipped,
             "errors": self.errors,
+            "unedited": self.unedited,
             "edited_fps": round(self.edited_fps(), 2),
             "latency_ms_p50": self.latency_ms(50),
             "latency_ms_p95": self.latency_ms(95),

@@ -16,9 +16,9 @@ import pytest
 import torch
 import uvicorn
 
+from engines.client import EditorFactory
 from engines.editor import Editor
 from engines.loader import EngineSpec, load_editor
-from engines.worker import BatchEditor
 from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates
 from server.app import create_app
 from server.settings import Settings
@@ -95,12 +95,14 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
 
 @contextlib.asynccontextmanager
 async def running_server(
-    editor: BatchEditor, wait_ready: bool = True, **overrides: Any
+    editor_factory: EditorFactory | None = None, wait_ready: bool = True, **overrides: Any
 ) -> AsyncIterator[RunningServer]:
-    """Serve create_app(settings, editor) on a free loopback port until the block ends."""
+    """Serve create_app on a free loopback port until the block ends: the engine in its own process (unless
+    `engine="thread"`), the shipped editor on the torch backend unless `editor_factory` (picklable) says else."""
     port = free_port()
+    overrides = {"backend": "torch", "threads": 2, **overrides}
     settings = Settings(host="127.0.0.1", port=port, **overrides)
-    app = create_app(settings, editor_factory=lambda s: editor)
+    app = create_app(settings, editor_factory=editor_factory)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", log_level="warning"))
     task = asyncio.create_task(server.serve())
     pin_loopback_candidates()
@@ -110,7 +112,7 @@ async def running_server(
         try:
             await wait_for(lambda: server.started, 20, "uvicorn to start")
             if wait_ready:
-                await wait_for(lambda: app.state.registry is not None, 60, "the engine to load")
+                await wait_for(lambda: app.state.engine.health().ready, 90, "the engine to load")
             yield running
         finally:
             for session in running.sessions:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 
 import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection
@@ -13,6 +12,7 @@ from loadtest.client import ClipTrack, EditSession
 from server.app import create_app
 from server.settings import Settings
 from tests.conftest import running_server, wait_for
+from tests.engine_doubles import GatedUntilFile
 
 
 def open_peer_connections() -> list[RTCPeerConnection]:
@@ -20,8 +20,8 @@ def open_peer_connections() -> list[RTCPeerConnection]:
     return [o for o in gc.get_objects() if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"]
 
 
-async def test_malformed_sdp_gets_400_and_leaks_no_peer_connection(editor) -> None:
-    async with running_server(editor) as srv:
+async def test_malformed_sdp_gets_400_and_leaks_no_peer_connection() -> None:
+    async with running_server() as srv:
         before = len(open_peer_connections())
         for sdp in ["this is not sdp", "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video"]:
             response = await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": sdp, "type": "offer"})
@@ -31,8 +31,8 @@ async def test_malformed_sdp_gets_400_and_leaks_no_peer_connection(editor) -> No
         assert len(open_peer_connections()) == before
 
 
-async def test_offer_without_video_gets_400_and_leaks_no_peer_connection(editor) -> None:
-    async with running_server(editor) as srv:
+async def test_offer_without_video_gets_400_and_leaks_no_peer_connection() -> None:
+    async with running_server() as srv:
         before = len(open_peer_connections())
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.createDataChannel("x")
@@ -45,8 +45,8 @@ async def test_offer_without_video_gets_400_and_leaks_no_peer_connection(editor)
         assert len(open_peer_connections()) == before
 
 
-async def test_invalid_params_get_422_with_a_message(editor, clip_frames) -> None:
-    async with running_server(editor) as srv:
+async def test_invalid_params_get_422_with_a_message(clip_frames) -> None:
+    async with running_server() as srv:
         bad_posts = [
             {"sdp": "x", "type": "offer", "edit": {"text_guidance": 99}},
             {"sdp": "x", "type": "offer", "edit": {"prompt": ""}},
@@ -67,8 +67,8 @@ async def test_invalid_params_get_422_with_a_message(editor, clip_frames) -> Non
         assert (await session.info())["edit"] == session.edit  # nothing changed
 
 
-async def test_tokens_protect_each_session(editor, clip_frames) -> None:
-    async with running_server(editor) as srv:
+async def test_tokens_protect_each_session(clip_frames) -> None:
+    async with running_server() as srv:
         a = await srv.open_session(clip_frames, edit={"prompt": "make it sepia"})
         b = await srv.open_session(clip_frames, edit={"prompt": "make it a pencil sketch"})
         url = f"{srv.url}/v1/sessions/{a.session_id}"
@@ -90,8 +90,8 @@ async def test_tokens_protect_each_session(editor, clip_frames) -> None:
         assert len(srv.registry) == 1
 
 
-async def test_session_limit_answers_503_with_retry_after(editor, clip_frames) -> None:
-    async with running_server(editor, max_sessions=1, retry_after_s=3) as srv:
+async def test_session_limit_answers_503_with_retry_after(clip_frames) -> None:
+    async with running_server(max_sessions=1, retry_after_s=3) as srv:
         await srv.open_session(clip_frames)
         assert (await srv.http.get(f"{srv.url}/readyz")).status_code == 503
         extra = EditSession(srv.url, ClipTrack(clip_frames), srv.http)
@@ -103,8 +103,8 @@ async def test_session_limit_answers_503_with_retry_after(editor, clip_frames) -
         assert "streamedit_sessions_rejected_total 1.0" in metrics
 
 
-async def test_sessions_that_never_connect_or_whose_peer_leaves_are_reaped(editor, clip_frames) -> None:
-    async with running_server(editor, connect_timeout_s=2.0) as srv:
+async def test_sessions_that_never_connect_or_whose_peer_leaves_are_reaped(clip_frames) -> None:
+    async with running_server(connect_timeout_s=2.0) as srv:
         # An offer whose answer is never applied: the server's peer never connects.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(ClipTrack(clip_frames))
@@ -121,22 +121,9 @@ async def test_sessions_that_never_connect_or_whose_peer_leaves_are_reaped(edito
         await pc.close()
 
 
-async def test_health_readiness_and_metrics(editor, clip_frames) -> None:
-    gate = threading.Event()
-
-    class GatedEditor:  # the real editor, but loading only finishes when the test says so
-        def __getattr__(self, name: str):
-            return getattr(editor, name)
-
-        @property
-        def resolution(self) -> int:
-            return editor.resolution
-
-    def factory(settings):
-        gate.wait(20)
-        return GatedEditor()
-
-    app = create_app(Settings(), editor_factory=factory)
+async def test_health_readiness_and_metrics(clip_frames, tmp_path) -> None:
+    gate = tmp_path / "loaded"  # the engine process finishes loading only when the test creates this file
+    app = create_app(Settings(backend="torch", threads=2), editor_factory=GatedUntilFile(gate))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
@@ -145,15 +132,15 @@ async def test_health_readiness_and_metrics(editor, clip_frames) -> None:
             assert loading.status_code == 503 and loading.json()["ready"] is False
             offer = await http.post("/v1/sessions", json={"sdp": "x"})
             assert offer.status_code == 503 and "Retry-After" in offer.headers
-            gate.set()
-            for _ in range(200):
+            gate.touch()
+            for _ in range(1200):
                 if (await http.get("/readyz")).status_code == 200:
                     break
                 await asyncio.sleep(0.05)
             ready = (await http.get("/readyz")).json()
             assert ready["ready"] is True and ready["capacity_left"] == 4
 
-    async with running_server(editor) as srv:
+    async with running_server() as srv:
         session = await srv.open_session(clip_frames)
         await wait_for(lambda: len(session.received) >= 10, 20, "frames")
         text = (await srv.http.get(f"{srv.url}/metrics")).text
@@ -175,8 +162,8 @@ async def test_health_readiness_and_metrics(editor, clip_frames) -> None:
         assert session.session_id not in text
 
 
-async def test_page_and_openapi_are_served(editor) -> None:
-    async with running_server(editor) as srv:
+async def test_page_and_openapi_are_served() -> None:
+    async with running_server() as srv:
         page = await srv.http.get(f"{srv.url}/")
         assert page.status_code == 200 and "<html" in page.text.lower()
         schema = (await srv.http.get(f"{srv.url}/openapi.json")).json()
@@ -184,8 +171,8 @@ async def test_page_and_openapi_are_served(editor) -> None:
         assert edit["text_guidance"]["maximum"] == 20.0 and "description" in edit["image_guidance"]
 
 
-async def test_ice_binds_inside_the_configured_udp_port_range(editor, clip_frames) -> None:
-    async with running_server(editor, udp_ports="41000-41031") as srv:
+async def test_ice_binds_inside_the_configured_udp_port_range(clip_frames) -> None:
+    async with running_server(udp_ports="41000-41031") as srv:
         session = await srv.open_session(clip_frames)
         await wait_for(lambda: len(session.received) >= 3, 20, "frames over the restricted ports")
         answer = session.pc.remoteDescription.sdp
@@ -194,8 +181,8 @@ async def test_ice_binds_inside_the_configured_udp_port_range(editor, clip_frame
         assert all(" 127.0.0.1 " in line for line in answer.splitlines() if line.startswith("a=candidate:"))
 
 
-async def test_sessions_start_from_the_models_defaults_and_presets_say_them(editor, clip_frames) -> None:
-    async with running_server(editor) as srv:
+async def test_sessions_start_from_the_models_defaults_and_presets_say_them(clip_frames) -> None:
+    async with running_server() as srv:
         info = (await srv.http.get(f"{srv.url}/v1/presets")).json()
         defaults, ranges = info["defaults"], info["ranges"]
         assert set(ranges) == {"text_guidance", "image_guidance"}

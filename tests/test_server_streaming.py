@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 
@@ -12,6 +11,7 @@ from engines.params import EditParams
 from engines.temporal import StreamState
 from server.media import fit_frame
 from tests.conftest import running_server, wait_for
+from tests.engine_doubles import Slowed, poisoned
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -19,8 +19,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255.0**2 / max(mse, 1e-9))
 
 
-async def test_edited_frames_come_back_with_increasing_pts(editor, clip_frames) -> None:
-    async with running_server(editor) as srv:
+async def test_edited_frames_come_back_with_increasing_pts(clip_frames) -> None:
+    async with running_server() as srv:
         session = await srv.open_session(clip_frames)
         await wait_for(lambda: len(session.received) >= 30, 30, "30 edited frames")
         pts = [r.pts for r in session.received]
@@ -34,9 +34,9 @@ async def test_edited_frames_come_back_with_increasing_pts(editor, clip_frames) 
         assert info["stats"]["latency_ms_p95"] is not None
 
 
-async def test_patch_prompt_changes_output_within_a_few_frames(editor, clip_frames) -> None:
+async def test_patch_prompt_changes_output_within_a_few_frames(clip_frames) -> None:
     still = [clip_frames[0]] * 4  # a static scene: output changes only when the edit does
-    async with running_server(editor) as srv:
+    async with running_server() as srv:
         session = await srv.open_session(still, keep_images=200, edit={"prompt": "make it a pencil sketch"})
         await wait_for(lambda: len(session.received) >= 15, 30, "frames before the patch")
         before = [img for _, img in session.images[-5:]]
@@ -65,7 +65,7 @@ async def test_two_sessions_in_one_batch_each_get_their_own_edit(editor, clip_fr
         request = EditRequest(fitted, editor.encode_prompt(prompt), params, StreamState(3))
         expected.append(editor.edit([request])[0].frame)
     assert psnr(expected[0], expected[1]) < 30, "the two prompts should give different edits"
-    async with running_server(editor, max_batch=4) as srv:
+    async with running_server(max_batch=4) as srv:
         a = await srv.open_session([frame] * 2, edit={"prompt": prompts[0], "seed": 3})
         b = await srv.open_session([frame] * 2, edit={"prompt": prompts[1], "seed": 3})
         await wait_for(lambda: len(a.received) >= 20 and len(b.received) >= 20, 40, "frames on both sessions")
@@ -78,29 +78,9 @@ async def test_two_sessions_in_one_batch_each_get_their_own_edit(editor, clip_fr
         assert psnr(got_b, expected[1]) > psnr(got_b, expected[0]) + 3
 
 
-class SlowedEditor:
-    """The real editor, made to take `seconds` per call at least (the engine slower than the camera)."""
-
-    def __init__(self, editor, seconds: float) -> None:
-        self.inner, self.seconds = editor, seconds
-
-    @property
-    def resolution(self) -> int:
-        return self.inner.resolution
-
-    def encode_prompt(self, prompt: str):
-        return self.inner.encode_prompt(prompt)
-
-    def edit(self, requests):
-        started = time.perf_counter()
-        out = self.inner.edit(requests)
-        time.sleep(max(0.0, self.seconds - (time.perf_counter() - started)))
-        return out
-
-
-async def test_latency_stays_bounded_when_the_engine_is_slower_than_the_camera(editor, clip_frames) -> None:
+async def test_latency_stays_bounded_when_the_engine_is_slower_than_the_camera(clip_frames) -> None:
     fps = 30.0
-    async with running_server(SlowedEditor(editor, 2.0 / fps)) as srv:
+    async with running_server(Slowed(2.0 / fps)) as srv:
         session = await srv.open_session(clip_frames, fps=fps)
         await wait_for(lambda: len(session.received) >= 1, 20, "the first frame")
         start = session.received[0].at
@@ -116,30 +96,18 @@ async def test_latency_stays_bounded_when_the_engine_is_slower_than_the_camera(e
         assert info["stats"]["dropped"] > 0, "a slow engine must drop stale frames, not queue them"
 
 
-async def test_camera_resolution_changes_keep_the_output_size(editor, clip_frames) -> None:
+async def test_camera_resolution_changes_keep_the_output_size(clip_frames) -> None:
     small = [np.ascontiguousarray(f[::2, ::2]) for f in clip_frames[:20]]  # 160x120
     wide = [np.ascontiguousarray(np.pad(f, ((0, 0), (80, 80), (0, 0)))) for f in clip_frames[:20]]  # 480x240
-    async with running_server(editor) as srv:
+    async with running_server() as srv:
         session = await srv.open_session(clip_frames[:20] + small + wide, keep_images=100)
         await wait_for(lambda: len(session.received) >= 70, 40, "frames across three camera sizes")
         assert {img.shape for _, img in session.images} == {(256, 256, 3)}
         assert (await session.info())["stats"]["errors"] == 0
 
 
-class PoisonedEditor(SlowedEditor):
-    """The real editor, except that any batch holding a frame whose prompt contains 'explode' raises."""
-
-    def __init__(self, editor) -> None:
-        super().__init__(editor, 0.0)
-
-    def edit(self, requests):
-        if any("explode" in r.params.prompt for r in requests):
-            raise RuntimeError("poisoned frame")
-        return self.inner.edit(requests)
-
-
-async def test_a_failing_frame_passes_through_and_other_sessions_never_notice(editor, clip_frames) -> None:
-    async with running_server(PoisonedEditor(editor), max_batch=4) as srv:
+async def test_a_failing_frame_passes_through_and_other_sessions_never_notice(clip_frames) -> None:
+    async with running_server(poisoned, max_batch=4) as srv:
         bad = await srv.open_session(clip_frames, edit={"prompt": "explode"})
         good = await srv.open_session(clip_frames, edit={"prompt": "make it sepia"})
         await wait_for(lambda: len(bad.received) >= 20 and len(good.received) >= 20, 40, "frames on both")

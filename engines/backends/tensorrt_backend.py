@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from engines.backends.base import Backend, BackendUnavailable
 from engines.export import GRAPH_NAMES, default_cache_dir, export_onnx
 from engines.model import EditorModel
+from engines.spec import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def build_engine(trt: ModuleType, onnx_path: Path, target: Path, graph: str, max
 def build_engines(
     model: EditorModel,
     resolution: int,
-    max_batch: int = 8,
+    max_batch: int = DEFAULT_MAX_BATCH,
     cache_dir: Path | None = None,
     device: str | torch.device = "cuda",
 ) -> Path:
@@ -242,7 +243,7 @@ class TensorRTBackend(Backend):
         self,
         model: EditorModel,
         resolution: int,
-        max_batch: int = 8,
+        max_batch: int = DEFAULT_MAX_BATCH,
         cache_dir: Path | None = None,
         device: str | torch.device = "cuda",
     ) -> None:

@@ -1,0 +1,498 @@
+"""The engine in its own process: a launcher that keeps one running, and the media worker's client of it.
+
+The client talks to the engine over a ZeroMQ DEALER socket and moves pixels through the FrameTable. It
+converts a camera frame only when the engine has asked for the stream's next one, so no converted frame is
+dropped. It knows the engine is gone the moment the socket's connection closes (a socket monitor), and until a
+new engine has taken its streams back, every camera frame goes straight back unedited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from engines import messages as m
+from engines.client import (
+    BatchReport,
+    EditorFactory,
+    EngineClient,
+    EngineFull,
+    EngineHealth,
+    EngineOutcome,
+    EngineStream,
+    EngineUnavailable,
+    OutcomeHandler,
+    RoutedCall,
+    RoutedReply,
+    RouteHandler,
+    StreamNotFound,
+)
+from engines.frame_table import FrameTable, FrameTableLayout
+from engines.params import EditParams
+from engines.spec import EngineSpec, ModelInfo
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 0.25
+#: no Beat for this long: the engine is hung even though its socket is still open
+BEAT_TIMEOUT_S = 2.0
+CALL_TIMEOUT_S = 30.0
+#: a Hello the engine has not answered (it was still loading) is said again after this long
+HELLO_REPEAT_S = 1.0
+#: an engine that dies sooner than this after starting is restarted after a growing pause
+QUICK_DEATH_S = 10.0
+
+
+@dataclass(frozen=True)
+class EngineAddress:
+    """Where media workers find the engine: its socket and its frame table."""
+
+    endpoint: str
+    layout: FrameTableLayout
+
+
+class EngineLauncher:
+    """Owns the frame table and the engine process, and starts a new engine process whenever one exits."""
+
+    def __init__(
+        self, spec: EngineSpec, resolution: int, slots: int, editor_factory: EditorFactory | None = None
+    ) -> None:
+        self.spec = spec
+        self.editor_factory = editor_factory
+        self.table = FrameTable.create(slots, resolution)
+        self._dir = tempfile.mkdtemp(prefix="streamedit-engine-")
+        self.address = EngineAddress(f"ipc://{self._dir}/engine.sock", self.table.layout)
+        self.incarnation = 0
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._keep_running, name="engine-launcher", daemon=True)
+            self._watcher.start()
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        from engines.core_process import run_engine
+
+        self.incarnation += 1
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine,
+            args=(
+                self.spec,
+                self.address.endpoint,
+                self.table.layout,
+                self.incarnation,
+                self.editor_factory,
+                logging.getLogger().getEffectiveLevel(),
+            ),
+            name=f"streamedit-engine-{self.incarnation}",
+            daemon=True,
+        )
+        process.start()
+        log.info("engine process %d started (pid %s)", self.incarnation, process.pid)
+        return process
+
+    def _keep_running(self) -> None:
+        pause = 0.0
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                self.process = self._spawn()
+                self.process.join()
+                if self._stopping.is_set():
+                    break
+                lived = time.monotonic() - started
+                log.error(
+                    "engine process %d (pid %s) exited with code %s after %.1f s: starting another",
+                    self.incarnation,
+                    self.process.pid,
+                    self.process.exitcode,
+                    lived,
+                )
+                pause = min(max(pause * 2, 0.5), 30.0) if lived < QUICK_DEATH_S else 0.0
+                self._stopping.wait(pause)
+        finally:
+            log.info("engine launcher thread exited")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        process = self.process
+        if process is not None and process.is_alive():
+            process.terminate()
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if self._watcher is not None:
+            self._watcher.join(5)
+        self.table.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@dataclass
+class _Frame:
+    pixels: Callable[[], np.ndarray]
+    received_at: float
+    meta: Any
+
+
+@dataclass
+class _ShmStream(EngineStream):
+    """A stream's media-side state: its slot, the newest unconverted frame, and whether the engine wants one."""
+
+    client: ProcessEngineClient
+    session_id: str
+    slot: int
+    params: EditParams
+    on_outcome: OutcomeHandler
+    pending: _Frame | None = None
+    wanted: bool = False
+    seq: int = 0
+    in_flight: dict[int, _Frame] = field(default_factory=dict)
+    closed: bool = False
+
+    def submit(self, pixels: Callable[[], np.ndarray], received_at: float, meta: Any) -> bool:
+        if self.closed:
+            return False
+        frame = _Frame(pixels, received_at, meta)
+        if not self.client.welcomed:
+            self._pass_through(frame)
+            return False
+        replaced = self.pending is not None
+        self.pending = frame
+        if self.wanted:
+            self.publish()
+        return replaced
+
+    def _pass_through(self, frame: _Frame) -> None:
+        """The engine is down: the camera frame goes back unedited, so the viewer still sees themselves."""
+        try:
+            pixels = frame.pixels()
+        except Exception as exc:
+            self.on_outcome(EngineOutcome(self.client.blank, frame.received_at, frame.meta, error=repr(exc)))
+            return
+        self.on_outcome(EngineOutcome(pixels, frame.received_at, frame.meta, unedited=True))
+
+    def want(self, incarnation: int) -> None:
+        """The engine may take a frame now: publish the newest, or the next to come."""
+        if self.closed or not self.client.welcomed or incarnation != self.client.incarnation:
+            return  # a Want from an engine that is gone since
+        self.wanted = True
+        if self.pending is not None:
+            self.publish()
+
+    def publish(self) -> None:
+        """Convert the newest frame into the slot and tell the engine: the engine asked for it."""
+        frame, self.pending = self.pending, None
+        if frame is None or self.closed:
+            return
+        try:
+            pixels = frame.pixels()
+        except Exception as exc:  # an undecodable frame fails alone; the engine still wants the next one
+            self.on_outcome(EngineOutcome(self.client.blank, frame.received_at, frame.meta, error=repr(exc)))
+            return
+        self.seq += 1
+        self.client.table.write_input(self.slot, self.seq, pixels)
+        self.in_flight[self.seq] = frame
+        self.wanted = False
+        if not self.client.send(m.FrameReady(self.session_id, self.seq, frame.received_at)):
+            self.in_flight.pop(self.seq, None)
+            self._pass_through(frame)
+
+    def done(self, msg: m.Outcome) -> None:
+        frame = self.in_flight.pop(msg.seq, None)
+        for older in [s for s in self.in_flight if s < msg.seq]:
+            del self.in_flight[older]
+        if frame is None or self.closed:
+            return
+        pixels = self.client.table.read_output(self.slot, msg.seq)
+        if pixels is None:
+            return  # superseded by a newer output of this stream, whose Outcome follows
+        self.on_outcome(
+            EngineOutcome(
+                pixels, frame.received_at, frame.meta, skipped=msg.skipped, error=msg.error, batch_size=msg.batch_size
+            )
+        )
+
+    def engine_lost(self) -> None:
+        """The frame the engine held will never come back: hand it back unedited, stop waiting for a Want."""
+        for frame in self.in_flight.values():
+            self._pass_through(frame)
+        self.in_flight.clear()
+        self.wanted = False
+
+
+class ProcessEngineClient(EngineClient):
+    """A media worker's connection to the engine process (and, if `owned`, the launcher it starts)."""
+
+    def __init__(self, info: ModelInfo, address: EngineAddress, owned: EngineLauncher | None = None) -> None:
+        super().__init__(info)
+        self.address = address
+        self.launcher = owned
+        self.table = FrameTable.attach(address.layout) if owned is None else owned.table
+        self.blank = np.zeros((address.layout.resolution,) * 2 + (3,), np.uint8)
+        self.identity = f"media-{os.getpid()}-{id(self):x}".encode()
+        self.welcomed = False  # the engine took this worker's streams: frames go to it
+        self.connected = False
+        self.incarnation = 0
+        self.first_incarnation: int | None = None
+        self.last_beat: m.Beat | None = None
+        self.last_beat_at = 0.0
+        self._hello_sent_at = 0.0
+        self._capacity = 0  # the engine's free slots at its last Beat, less what this worker took since
+        self._streams: dict[str, _ShmStream] = {}
+        self._calls: dict[int, asyncio.Future[m.Reply]] = {}
+        self._call_ids = itertools.count(1)
+        self._route_handler: RouteHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.launcher is not None:
+            self.launcher.start()
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for an engine that is not connected: a restarted engine must not get a dead one's mail.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.address.endpoint)
+        self._sock, self._monitor = sock, monitor
+        for name, coro in (("reader", self._read(sock)), ("monitor", self._watch(monitor)), ("pinger", self._ping())):
+            self._tasks.append(asyncio.create_task(self._logged(name, coro)))
+
+    @staticmethod
+    async def _logged(name: str, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("engine client task %s crashed", name)
+        finally:
+            log.info("engine client task %s exited", name)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_calls("the service is shutting down")
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._sock.close(0)
+        if self._monitor is not None:
+            self._monitor.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._sock = self._monitor = self._ctx = None
+        if self.launcher is not None:
+            await asyncio.to_thread(self.launcher.stop)
+        else:
+            self.table.close()
+
+    # -- the channel -----------------------------------------------------------------------------------------
+    def send(self, msg: msgspec.Struct) -> bool:
+        """Send now or not at all (False: no engine connected)."""
+        if self._sock is None:
+            return False
+        sent = self._sock.send(m.encoder.encode(msg), zmq.NOBLOCK)
+        return sent.exception() is None if sent.done() else True
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            data = await sock.recv()
+            try:
+                msg = m.to_worker.decode(data)
+            except msgspec.DecodeError:
+                log.warning("undecodable message from the engine")
+                continue
+            self._handle(msg)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = await recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.connected = True
+                self._send_hello()
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                self._lose_engine("the engine process exited")
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            self.send(m.Ping())
+            if self.welcomed and time.monotonic() - self.last_beat_at > BEAT_TIMEOUT_S:
+                self._lose_engine(f"no word from the engine for {BEAT_TIMEOUT_S:g} s")
+
+    def _send_hello(self) -> None:
+        self._hello_sent_at = time.monotonic()
+        self.send(m.Hello([(s.session_id, s.slot, s.params.model_dump()) for s in self._streams.values()]))
+
+    def _lose_engine(self, why: str) -> None:
+        if self.welcomed:
+            self.on_engine_lost(why)
+            log.error("engine lost (%s): %d streams pass through until it is back", why, len(self._streams))
+        self.welcomed = False
+        self.last_beat = None
+        for stream in self._streams.values():
+            stream.engine_lost()
+        self._fail_calls(why)
+
+    def _fail_calls(self, why: str) -> None:
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(why))
+        self._calls.clear()
+
+    def _handle(self, msg: msgspec.Struct) -> None:
+        if isinstance(msg, m.Outcome):
+            stream = self._streams.get(msg.session_id)
+            if stream is not None:
+                stream.done(msg)
+            if msg.batch_seconds > 0:
+                self.on_batch(BatchReport(msg.batch_size, msg.batch_seconds))
+        elif isinstance(msg, m.Want):
+            stream = self._streams.get(msg.session_id)
+            if stream is not None:
+                wait = msg.not_before - time.monotonic()
+                if wait > 0:  # convert the newest frame as the engine's batch ends, not now
+                    asyncio.get_running_loop().call_later(wait, stream.want, self.incarnation)
+                else:
+                    stream.want(self.incarnation)
+        elif isinstance(msg, m.Reply):
+            future = self._calls.pop(msg.call, None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+        elif isinstance(msg, m.Beat):
+            self.last_beat, self.last_beat_at = msg, time.monotonic()
+            self._capacity = msg.capacity_left
+            if self.first_incarnation is None and msg.ready:
+                self.first_incarnation = msg.incarnation
+            stale = not self.welcomed or msg.incarnation != self.incarnation
+            if msg.ready and stale and time.monotonic() - self._hello_sent_at > HELLO_REPEAT_S:
+                self.welcomed = False
+                self._send_hello()
+        elif isinstance(msg, m.Welcome):
+            if not self.welcomed:
+                log.info("engine %d took back %d streams", msg.incarnation, len(self._streams))
+            self.welcomed, self.incarnation = True, msg.incarnation
+            if self.first_incarnation is None:
+                self.first_incarnation = msg.incarnation
+        elif isinstance(msg, m.Routed):
+            asyncio.create_task(self._answer_routed(msg))
+        elif isinstance(msg, m.Lost):
+            stream = self._streams.pop(msg.session_id, None)
+            if stream is not None:
+                stream.closed = True
+                stream.on_outcome(EngineOutcome(self.blank, time.monotonic(), None, error="the engine lost the stream"))
+
+    async def _answer_routed(self, msg: m.Routed) -> None:
+        reply = RoutedReply(404, {"detail": f"no session {msg.session_id!r}"})
+        if self._route_handler is not None:
+            try:
+                reply = await self._route_handler(
+                    RoutedCall(msg.op, msg.session_id, msg.authorization, msg.body)  # type: ignore[arg-type]
+                )
+            except Exception as exc:
+                log.exception("routed %s of session %s failed", msg.op, msg.session_id)
+                reply = RoutedReply(500, {"detail": f"internal error: {type(exc).__name__}"})
+        self.send(m.RouteReply(msg.call, reply.status, reply.body))
+
+    async def _call(self, make: Callable[[int], msgspec.Struct]) -> m.Reply:
+        if not self.welcomed:
+            raise EngineUnavailable(self.health().reason or "the engine is not ready")
+        call = next(self._call_ids)
+        future: asyncio.Future[m.Reply] = asyncio.get_running_loop().create_future()
+        self._calls[call] = future
+        if not self.send(make(call)):
+            self._calls.pop(call, None)
+            raise EngineUnavailable("the engine is not connected")
+        try:
+            return await asyncio.wait_for(future, CALL_TIMEOUT_S)
+        except TimeoutError:
+            self._calls.pop(call, None)
+            raise EngineUnavailable(f"the engine did not answer in {CALL_TIMEOUT_S:g} s") from None
+
+    # -- EngineClient ----------------------------------------------------------------------------------------
+    async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:
+        reply = await self._call(lambda call: m.Open(call, session_id, params.model_dump()))
+        if reply.status != 200 or reply.body is None:
+            error = EngineFull if "full" in (reply.error or "") else EngineUnavailable
+            raise error(reply.error or f"the engine refused the stream ({reply.status})")
+        # The engine wants its first frame at once (its Want may be read before this coroutine resumes).
+        stream = _ShmStream(self, session_id, int(reply.body["slot"]), params, on_outcome, wanted=True)
+        self._streams[session_id] = stream
+        self._capacity -= 1
+        return stream
+
+    async def update_stream(self, session_id: str, params: EditParams) -> None:
+        stream = self._streams.get(session_id)
+        if stream is None:
+            raise StreamNotFound(f"no session {session_id!r}")
+        if not self.welcomed:
+            stream.params = params  # the next engine takes it with the stream
+            return
+        reply = await self._call(lambda call: m.Update(call, session_id, params.model_dump()))
+        if reply.status != 200:
+            raise EngineUnavailable(reply.error or f"the engine refused the update ({reply.status})")
+        stream.params = params
+
+    async def close_stream(self, session_id: str) -> None:
+        stream = self._streams.pop(session_id, None)
+        if stream is not None:
+            stream.closed = True
+            stream.in_flight.clear()
+            self.send(m.Close(session_id))
+            self._capacity += 1
+
+    def health(self) -> EngineHealth:
+        restarts = 0 if self.first_incarnation is None else self.incarnation - self.first_incarnation
+        beat = self.last_beat
+        if self.welcomed and beat is not None:
+            return EngineHealth(True, None, max(self._capacity, 0), restarts)
+        if beat is not None and beat.reason:
+            reason = beat.reason
+        elif self.first_incarnation is None:
+            reason = "engine loading"
+        else:
+            reason = "the engine is restarting"
+        return EngineHealth(False, reason, 0, restarts)
+
+    def serve_routed(self, handler: RouteHandler) -> None:
+        self._route_handler = handler
+
+    async def route(self, call: RoutedCall) -> RoutedReply:
+        reply = await self._call(lambda n: m.Route(n, call.op, call.session_id, call.authorization, call.body))
+        if reply.status == 404 and reply.body is None:
+            raise StreamNotFound(reply.error or f"no session {call.session_id!r}")
+        return RoutedReply(reply.status, reply.body)

@@ -1,0 +1,312 @@
+"""The engine process: loads the editor, keeps the stream table, and runs EngineCore.step() behind a ROUTER socket.
+
+One thread runs the loop: drain control messages, step once if any stream has a frame, publish outcomes.
+Loading happens on a second thread so the loop answers Beats (not ready yet) meanwhile. The stream table
+(session → media worker, slot, conditions) lives here, so admission counts every worker's sessions and a
+call that lands on the wrong worker is carried to the right one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+
+from engines import messages as m
+from engines.client import EditorFactory
+from engines.client_thread import load_and_warm
+from engines.frame_table import FrameTable, FrameTableLayout
+from engines.params import EditParams
+from engines.spec import EngineSpec
+from engines.worker import Conditions, EngineCore, FrameSlot, PendingFrame
+
+log = logging.getLogger("engines.core_process")
+
+BEAT_INTERVAL_S = 0.25
+#: how long before the running batch should end its streams are asked for their next frame: enough for a
+#: media worker to convert one and say so (about a millisecond each), little enough that it is still fresh
+WANT_LEAD_S = 0.008
+#: weight of the newest batch in the running estimate of a batch's duration
+STEP_EMA = 0.3
+#: a media worker silent this long is gone: its streams are closed and their slots freed
+WORKER_TIMEOUT_S = 3.0
+
+
+@dataclass
+class _Stream:
+    owner: bytes
+    slot: int
+    frame_slot: FrameSlot
+
+
+class EngineServer:
+    """The engine's side of the control channel, around one EngineCore."""
+
+    def __init__(self, sock: zmq.Socket, table: FrameTable, spec: EngineSpec, incarnation: int) -> None:
+        self.sock = sock
+        self.table = table
+        self.spec = spec
+        self.incarnation = incarnation
+        self.core: EngineCore | None = None
+        self.error: str | None = None
+        self.streams: dict[str, _Stream] = {}
+        self.free = set(range(table.layout.slots))
+        self.workers: dict[bytes, float] = {}  # identity → last heard
+        self.routes: dict[int, tuple[bytes, int]] = {}  # our call id → (asking worker, its call id)
+        self._call_ids = itertools.count(1)
+        self.batch_seconds: dict[int, float] = {}  # running estimate of a batch's duration, by its size
+        self.want_at = 0.0  # when the frames after the running batch should be converted
+
+    # -- sending ---------------------------------------------------------------------------------------------
+    def send(self, to: bytes, msg: msgspec.Struct) -> None:
+        try:
+            self.sock.send_multipart([to, m.encoder.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a worker gone or flooded: it re-syncs through Hello
+            log.debug("send to %r failed: %s", to, exc)
+
+    def reply(self, to: bytes, call: int, status: int, body: dict[str, Any] | None = None, error: str = "") -> None:
+        self.send(to, m.Reply(call, status, body, error or None))
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_beat = 0.0
+        while True:
+            busy = self.core is not None and bool(self.core.ready())
+            if poller.poll(0 if busy else int(BEAT_INTERVAL_S * 1000 / 2)):
+                self.drain()
+            if self.core is not None:
+                self.step()
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + BEAT_INTERVAL_S
+                self.beat(now)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                identity, data = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.workers[identity] = time.monotonic()
+            try:
+                msg = m.to_engine.decode(data)
+            except msgspec.DecodeError:
+                log.warning("undecodable message from %r", identity)
+                continue
+            try:
+                self.handle(identity, msg)
+            except Exception:
+                log.exception("handling %s from %r failed", type(msg).__name__, identity)
+
+    def beat(self, now: float) -> None:
+        for identity, heard in list(self.workers.items()):
+            if now - heard > WORKER_TIMEOUT_S:
+                self.forget_worker(identity)
+        ready = self.core is not None
+        reason = None if ready else (self.error or "engine loading")
+        beat = m.Beat(self.incarnation, ready, reason, len(self.free))
+        for identity in self.workers:
+            self.send(identity, beat)
+
+    def forget_worker(self, identity: bytes) -> None:
+        log.warning("media worker %r went silent: closing its %d streams", identity, self.owned_by(identity))
+        del self.workers[identity]
+        for session_id, stream in list(self.streams.items()):
+            if stream.owner == identity:
+                self.drop(session_id)
+        for call, route in list(self.routes.items()):
+            if route[0] == identity:
+                del self.routes[call]
+
+    def owned_by(self, identity: bytes) -> int:
+        return sum(s.owner == identity for s in self.streams.values())
+
+    # -- control messages ------------------------------------------------------------------------------------
+    def handle(self, sender: bytes, msg: msgspec.Struct) -> None:
+        if isinstance(msg, m.FrameReady):
+            self.frame_ready(sender, msg)
+        elif isinstance(msg, m.Ping):
+            pass
+        elif isinstance(msg, m.Hello):
+            self.hello(sender, msg)
+        elif isinstance(msg, m.Open):
+            self.open(sender, msg)
+        elif isinstance(msg, m.Update):
+            self.update(sender, msg)
+        elif isinstance(msg, m.Close):
+            self.drop(msg.session_id)
+        elif isinstance(msg, m.Route):
+            self.route(sender, msg)
+        elif isinstance(msg, m.RouteReply):
+            asker = self.routes.pop(msg.call, None)
+            if asker is not None:
+                self.reply(asker[0], asker[1], msg.status, msg.body)
+
+    def hello(self, sender: bytes, msg: m.Hello) -> None:
+        if self.core is None:
+            return  # not ready: the worker says Hello again on our next Beat
+        for session_id, slot, params in msg.streams:
+            known = self.streams.get(session_id)
+            if known is not None and known.owner == sender:
+                continue
+            if known is not None or slot not in self.free:
+                self.send(sender, m.Lost(session_id))
+                continue
+            self.free.discard(slot)
+            self.register(sender, session_id, slot, EditParams.model_validate(params))
+        self.send(sender, m.Welcome(self.incarnation))
+        for session_id, stream in self.streams.items():
+            if stream.owner == sender:
+                self.send(sender, m.Want(session_id))
+
+    def open(self, sender: bytes, msg: m.Open) -> None:
+        if self.core is None:
+            self.reply(sender, msg.call, 503, error=self.error or "the engine is still loading")
+            return
+        if msg.session_id in self.streams:
+            self.reply(sender, msg.call, 409, error=f"session {msg.session_id!r} is open already")
+            return
+        if not self.free:
+            self.reply(sender, msg.call, 503, error=f"server full: {self.table.layout.slots} sessions are open")
+            return
+        slot = min(self.free)
+        self.free.discard(slot)
+        try:
+            self.register(sender, msg.session_id, slot, EditParams.model_validate(msg.params))
+        except Exception as exc:
+            self.free.add(slot)
+            self.reply(sender, msg.call, 500, error=f"could not open the stream: {exc!r}")
+            return
+        self.reply(sender, msg.call, 200, {"slot": slot})
+        self.send(sender, m.Want(msg.session_id))
+
+    def register(self, owner: bytes, session_id: str, slot: int, params: EditParams) -> None:
+        assert self.core is not None
+        context = self.core.editor.encode_prompt(params.prompt)
+        frame_slot = FrameSlot(session_id, Conditions(params, context), on_outcome=lambda outcome: None)
+        self.streams[session_id] = _Stream(owner, slot, frame_slot)
+        self.core.slots[session_id] = frame_slot
+
+    def update(self, sender: bytes, msg: m.Update) -> None:
+        stream = self.streams.get(msg.session_id)
+        if self.core is None or stream is None:
+            self.reply(sender, msg.call, 404 if self.core else 503, error=f"no stream {msg.session_id!r}")
+            return
+        params = EditParams.model_validate(msg.params)
+        conditions = stream.frame_slot.conditions
+        context = conditions.context
+        if params.prompt != conditions.params.prompt:
+            context = self.core.editor.encode_prompt(params.prompt)
+        stream.frame_slot.set_conditions(params, context)
+        self.reply(sender, msg.call, 200)
+
+    def drop(self, session_id: str) -> None:
+        stream = self.streams.pop(session_id, None)
+        if stream is None:
+            return
+        if self.core is not None:
+            self.core.slots.pop(session_id, None)
+        self.free.add(stream.slot)
+
+    def route(self, sender: bytes, msg: m.Route) -> None:
+        stream = self.streams.get(msg.session_id)
+        if stream is None or stream.owner == sender:
+            self.reply(sender, msg.call, 404, error=f"no session {msg.session_id!r}")
+            return
+        call = next(self._call_ids)
+        self.routes[call] = (sender, msg.call)
+        self.send(stream.owner, m.Routed(call, msg.op, msg.session_id, msg.authorization, msg.body))
+
+    def frame_ready(self, sender: bytes, msg: m.FrameReady) -> None:
+        stream = self.streams.get(msg.session_id)
+        if stream is None or stream.owner != sender:
+            return
+        slot, session_id, owner = stream.slot, msg.session_id, stream.owner
+
+        def pixels() -> np.ndarray:
+            # Copied out as the engine takes it; the worker may write the next frame once asked.
+            frame = self.table.read_input(slot)
+            self.send(owner, m.Want(session_id, self.want_at))
+            return frame
+
+        stream.frame_slot.offer(PendingFrame(pixels=pixels, received_at=msg.received_at, meta=msg.seq))
+
+    # -- the batch -------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        assert self.core is not None
+        ready = self.core.ready()
+        if not ready:
+            return
+        chosen = self.core.policy.select(ready, self.core.max_batch)
+        size = len(chosen)
+        started = time.monotonic()
+        # The streams in this batch are asked for their next frame now, to be converted as it ends.
+        self.want_at = started + self.batch_seconds.get(size, 0.0) - WANT_LEAD_S
+        outcomes, stats = self.core.run(chosen)
+        first = True
+        for frame_slot, outcome in outcomes:
+            stream = self.streams.get(frame_slot.stream_id)
+            if stream is None:  # closed while its frame was in the batch
+                continue
+            seq = int(outcome.pending.meta)
+            self.table.write_output(stream.slot, seq, outcome.frame)
+            error = None if outcome.error is None else repr(outcome.error)
+            seconds = stats.seconds if first and stats.size else 0.0
+            first = False
+            self.send(
+                stream.owner,
+                m.Outcome(frame_slot.stream_id, seq, outcome.skipped, error, outcome.batch_size, seconds),
+            )
+        took = time.monotonic() - started
+        previous = self.batch_seconds.get(size)
+        self.batch_seconds[size] = took if previous is None else (1 - STEP_EMA) * previous + STEP_EMA * took
+
+
+def run_engine(
+    spec: EngineSpec,
+    address: str,
+    layout: FrameTableLayout,
+    incarnation: int,
+    editor_factory: EditorFactory | None,
+    log_level: int,
+) -> None:
+    """The engine process's entry point (multiprocessing spawn target)."""
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s engine[{incarnation}] %(name)s: %(message)s"
+    )
+    table = FrameTable.attach(layout)
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    server = EngineServer(sock, table, spec, incarnation)
+
+    def load() -> None:
+        try:
+            editor = load_and_warm(spec, editor_factory)
+        except Exception as exc:
+            log.exception("engine failed to load")
+            server.error = f"engine failed to load: {exc}"
+            return
+        finally:
+            log.info("engine loader thread exited")
+        if editor.resolution != layout.resolution:
+            server.error = f"the editor runs at {editor.resolution}px, the frame table holds {layout.resolution}px"
+            return
+        server.core = EngineCore(editor, spec.max_batch)
+        log.info("engine ready at %dpx, %d stream slots, max batch %d", layout.resolution, layout.slots, spec.max_batch)
+
+    threading.Thread(target=load, name="engine-loader", daemon=True).start()
+    try:
+        server.serve_forever()
+    finally:
+        log.info("engine loop exited")

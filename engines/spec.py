@@ -1,0 +1,87 @@
+"""What an engine runs and what its model offers a session, read without torch (media workers never load it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engines.config import DEFAULT_MODEL_DIR, EditorConfig
+from engines.params import EditParams
+from engines.run_options import require_cuda_graph_on_torch_cuda
+
+BackendName = Literal["torch", "onnxruntime", "tensorrt"]
+PRESETS_NAME = "presets.json"
+
+
+class EngineSpec(BaseModel):
+    """Which editor to run and how; the one place every engine default lives (serve, build-engine, benchmarks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Path | None = Field(None, description="Model folder; None = the shipped default.")
+    taesd: Path | None = Field(None, description="A TAESD folder to use instead of the model's own autoencoder.")
+    backend: BackendName = Field("onnxruntime", description="torch, onnxruntime or tensorrt.")
+    device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
+    resolution: int | None = Field(None, ge=64, le=2048, description="Override the model's resolution.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the backend (None = library default).")
+    max_batch: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Most frames (one per stream) in one engine call; TensorRT engines are built and cached for "
+        "batches 1..max_batch, so `build-engine` and `serve` share this default.",
+    )
+    cache_dir: Path | None = Field(None, description="Exported graphs and engines (default ~/.cache/streamedit).")
+    cuda_graph: bool = Field(False, description="Torch on CUDA: replay a captured CUDA graph per batch size.")
+
+    @model_validator(mode="after")
+    def _cuda_graph_fits(self) -> EngineSpec:
+        require_cuda_graph_on_torch_cuda(self.backend, self.device, self.cuda_graph)
+        return self
+
+    def model_folder(self) -> Path:
+        return self.weights or DEFAULT_MODEL_DIR
+
+
+#: One truth for the batch limit: Settings, EngineWorker, build-engine and the TensorRT backend read it here.
+DEFAULT_MAX_BATCH: int = EngineSpec.model_fields["max_batch"].default
+
+
+def default_params(config: EditorConfig) -> EditParams:
+    """The params a new session starts with: EditParams' defaults with the model's own guidance strengths."""
+    return EditParams(text_guidance=config.default_text_guidance, image_guidance=config.default_image_guidance)
+
+
+def load_presets(folder: Path | None) -> list[dict[str, str]]:
+    """The model's one-click edits ([{"name", "prompt"}]) from presets.json beside its weights, if any."""
+    path = (folder or DEFAULT_MODEL_DIR) / PRESETS_NAME
+    if not path.is_file():
+        return []
+    return [{"name": str(p["name"]), "prompt": str(p["prompt"])} for p in json.loads(path.read_text())]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the service tells clients about the loaded model: frame size, starting params, ranges, presets."""
+
+    resolution: int
+    default_params: EditParams
+    guidance_ranges: dict[str, list[float]]
+    presets: list[dict[str, str]]
+
+    @classmethod
+    def of(cls, spec: EngineSpec) -> ModelInfo:
+        config = EditorConfig.load(spec.model_folder())
+        return cls(
+            resolution=spec.resolution or config.resolution,
+            default_params=default_params(config),
+            guidance_ranges={
+                "text_guidance": list(config.trained_text_guidance),
+                "image_guidance": list(config.trained_image_guidance),
+            },
+            presets=load_presets(spec.weights),
+        )
