@@ -10,16 +10,28 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from engines.frame_table import FrameTableLayout
 from engines.params import EditParams
 from engines.spec import DEFAULT_MAX_BATCH, EngineSpec, ModelInfo
+
+if TYPE_CHECKING:
+    from engines.client_process import EngineLauncher
 
 EngineMode = Literal["process", "thread"]
 #: Builds the editor inside the engine (the process engine pickles it: a module-level callable).
 EditorFactory = Callable[[EngineSpec], Any]
+
+
+@dataclass(frozen=True)
+class EngineAddress:
+    """Where media workers find an engine process: its control socket and its frame table."""
+
+    endpoint: str
+    layout: FrameTableLayout
 
 
 class EngineError(Exception):
@@ -172,8 +184,25 @@ def open_engine_client(
     return ProcessEngineClient(info, launcher.address, owned=launcher)
 
 
+def launch_engine(spec: EngineSpec, slots: int, editor_factory: EditorFactory | None = None) -> EngineLauncher:
+    """Start the engine process for several media workers (and keep one running); they connect to .address."""
+    from engines.client_process import EngineLauncher
+
+    launcher = EngineLauncher(spec, ModelInfo.of(spec).resolution, slots, editor_factory)
+    launcher.start()
+    return launcher
+
+
+def connect_engine(spec: EngineSpec, address: EngineAddress) -> EngineClient:
+    """A media worker's client of an engine process that someone else launched."""
+    from engines.client_process import ProcessEngineClient
+
+    return ProcessEngineClient(ModelInfo.of(spec), address)
+
+
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "EngineAddress",
     "BatchReport",
     "EditorFactory",
     "EngineClient",
@@ -189,5 +218,7 @@ __all__ = [
     "RoutedCall",
     "RoutedReply",
     "StreamNotFound",
+    "connect_engine",
+    "launch_engine",
     "open_engine_client",
 ]

@@ -32,6 +32,7 @@ from engines import messages as m
 from engines.client import (
     BatchReport,
     EditorFactory,
+    EngineAddress,
     EngineClient,
     EngineFull,
     EngineHealth,
@@ -44,7 +45,7 @@ from engines.client import (
     RouteHandler,
     StreamNotFound,
 )
-from engines.frame_table import FrameTable, FrameTableLayout
+from engines.frame_table import FrameTable
 from engines.params import EditParams
 from engines.spec import EngineSpec, ModelInfo
 
@@ -60,12 +61,11 @@ HELLO_REPEAT_S = 1.0
 QUICK_DEATH_S = 10.0
 
 
-@dataclass(frozen=True)
-class EngineAddress:
-    """Where media workers find the engine: its socket and its frame table."""
+def _engine_main(*args: Any) -> None:
+    """The engine process's entry point; imported there, so the launching process never loads torch."""
+    from engines.core_process import run_engine
 
-    endpoint: str
-    layout: FrameTableLayout
+    run_engine(*args)
 
 
 class EngineLauncher:
@@ -94,11 +94,9 @@ class EngineLauncher:
             self._watcher.start()
 
     def _spawn(self) -> multiprocessing.process.BaseProcess:
-        from engines.core_process import run_engine
-
         self.incarnation += 1
         process = multiprocessing.get_context("spawn").Process(
-            target=run_engine,
+            target=_engine_main,
             args=(
                 self.spec,
                 self.address.endpoint,

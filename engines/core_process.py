@@ -283,6 +283,11 @@ def run_engine(
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s engine[{incarnation}] %(name)s: %(message)s"
     )
+    # tqdm (model loading's progress bars) would make a multiprocessing lock, a semaphore that outlives a
+    # killed engine in the resource tracker; a thread lock does for one process.
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())
     table = FrameTable.attach(layout)
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -41,9 +41,11 @@ def create_app(
     settings: Settings | None = None,
     editor_factory: EditorFactory | None = None,
     engine: EngineClient | None = None,
+    worker_name: str = "0",
 ) -> FastAPI:
     """The service (one media worker). `engine` connects to an engine started elsewhere (the supervisor's);
-    without it the app starts its own, as settings.engine says, built by `editor_factory` (tests swap it)."""
+    without it the app starts its own, as settings.engine says, built by `editor_factory` (tests swap it).
+    Every response names the media worker that answered (X-StreamEdit-Worker)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -82,6 +84,12 @@ def create_app(
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def name_the_worker(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers["X-StreamEdit-Worker"] = worker_name
+        return response
 
     app.include_router(router)
     if settings.static_dir.is_dir():

@@ -41,16 +41,36 @@ def serve(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"streamedit serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    configure_logging(settings, "main")
+    layout = (
+        f"engine process + {settings.media_workers} media worker{'s' if settings.media_workers > 1 else ''}"
+        if settings.engine == "process"
+        else "engine thread"
+    )
+    print(f"StreamEdit on http://{settings.host}:{settings.port} (engine: {settings.backend}, {layout})", flush=True)
+    if settings.engine == "process":
+        from server.supervisor import Supervisor
+
+        try:
+            return Supervisor(settings).run()
+        except OSError as exc:
+            print(f"streamedit serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 2
     import uvicorn
 
     from server.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.log_level != "debug":
-        logging.getLogger("aioice").setLevel(logging.WARNING)  # every ICE check at INFO drowns the service log
-    print(f"StreamEdit on http://{settings.host}:{settings.port} (engine: {settings.backend})", flush=True)
     # aiortc misbehaves under uvloop: use the plain asyncio loop.
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, loop="asyncio", log_level=settings.log_level
     )
     return 0
+
+
+def configure_logging(settings: Settings, process: str) -> None:
+    """One log format for every process of the service, each line naming its process."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"
+    )
+    if settings.log_level != "debug":
+        logging.getLogger("aioice").setLevel(logging.WARNING)  # every ICE check at INFO drowns the service log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from fastapi import APIRouter, Body, Header, Request, Response
@@ -50,9 +51,9 @@ def reply(answer: RoutedReply) -> Response:
 
 
 @router.get("/healthz", tags=["ops"])
-async def healthz() -> dict[str, str]:
-    """Alive (the process answers); says nothing about the engine."""
-    return {"status": "ok"}
+async def healthz() -> dict[str, object]:
+    """Alive (this media worker's process answers, with its pid); says nothing about the engine."""
+    return {"status": "ok", "pid": os.getpid()}
 
 
 @router.get("/readyz", tags=["ops"])
