@@ -31,6 +31,7 @@ from engines.config import EditorConfig
 from engines.editor import Editor, EditRequest
 from engines.loader import EngineSpec, default_params, load_editor, load_presets
 from engines.model import DEFAULT_MODEL_DIR
+from engines.spec import DEFAULT_MAX_BATCH
 from engines.temporal import StreamState
 from engines.text import MiniLMPromptEncoder
 from engines.worker import BatchStats, Conditions, EngineWorker, FrameOutcome, FrameSlot, PendingFrame
@@ -134,6 +135,9 @@ def run_step(
     latency_ms = np.array(log.latencies) * 1000 if log.latencies else np.array([np.nan])
     sizes = [b.size for b in log.batches]
     seconds = [b.seconds for b in log.batches]
+    by_size: dict[int, list[float]] = {}
+    for b in log.batches:
+        by_size.setdefault(b.size, []).append(b.seconds)
     p95 = float(np.percentile(latency_ms, 95))
     held = log.failures == 0 and min(fps) >= args.target_fps and p95 <= args.max_p95_ms
     return {
@@ -146,6 +150,8 @@ def run_step(
         "mean_batch": statistics.fmean(sizes) if sizes else 0.0,
         "ms_per_batch": 1000 * statistics.fmean(seconds) if seconds else 0.0,
         "engine_frames_per_s": sum(sizes) / args.duration,
+        "ms_by_batch": {str(k): 1000 * statistics.fmean(v) for k, v in sorted(by_size.items())},
+        "batches_by_size": {str(k): len(v) for k, v in sorted(by_size.items())},
         "failures": log.failures,
         "held": held,
     }
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda-graph", action="store_true", help="torch on CUDA: replay CUDA graphs")
     parser.add_argument("--threads", type=int, help="CPU threads of the engine")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--fps", type=float, default=30.0, help="frames each stream offers per second (a camera)")
     parser.add_argument("--target-fps", type=float, default=12.0)

@@ -35,13 +35,13 @@ class SessionStats:
             self.dropped += 1
 
     def frame_done(self, batch_size: int, skipped: bool, failed: bool, unedited: bool = False) -> None:
-        if failed:
-            self.errors += 1
-            return
         if unedited:
             self.unedited += 1
             return
         self.last_batch_size = batch_size
+        if failed:
+            self.errors += 1
+            return
         self.frames_edited += 1
         self.skipped += int(skipped)
         now = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aioice.ice
 
+import server.ice
 from server.ice import keep_reachable_candidates, pin_host_addresses, rtc_configuration
 from server.settings import IceServer, Settings
 
@@ -38,7 +39,9 @@ def test_host_addresses_follow_the_bind_address_unless_pinned() -> None:
 
 
 def test_pinning_replaces_aioice_gathering_and_unpinning_restores_it() -> None:
-    original = aioice.ice.get_host_addresses
+    # aioice's own gathering, as server.ice found it on import (an earlier test's client may have pinned since)
+    original = server.ice._original_get_host_addresses
+    assert original.__module__ == "aioice.ice"
     pin_host_addresses(["127.0.0.1", "::1"])
     try:
         assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
