@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_S = 0.25
 #: no Beat for this long: the engine is hung even though its socket is still open
 BEAT_TIMEOUT_S = 2.0
-CALL_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 10.0
 #: a Hello the engine has not answered (it was still loading) is said again after this long
 HELLO_REPEAT_S = 1.0
 #: an engine that dies sooner than this after starting is restarted after a growing pause

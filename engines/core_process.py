@@ -59,17 +59,22 @@ class EngineServer:
         self.streams: dict[str, _Stream] = {}
         self.free = set(range(table.layout.slots))
         self.workers: dict[bytes, float] = {}  # identity → last heard
-        self.routes: dict[int, tuple[bytes, int]] = {}  # our call id → (asking worker, its call id)
+        # our call id → (asking worker, its call id, the worker holding the session)
+        self.routes: dict[int, tuple[bytes, int, bytes]] = {}
         self._call_ids = itertools.count(1)
         self.batch_seconds: dict[int, float] = {}  # running estimate of a batch's duration, by its size
         self.want_at = 0.0  # when the frames after the running batch should be converted
 
     # -- sending ---------------------------------------------------------------------------------------------
-    def send(self, to: bytes, msg: msgspec.Struct) -> None:
+    def send(self, to: bytes, msg: msgspec.Struct) -> bool:
+        """Send now or not at all; False only when the worker is gone (ROUTER_MANDATORY says so at once)."""
         try:
             self.sock.send_multipart([to, m.encoder.encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # a worker gone or flooded: it re-syncs through Hello
-            log.debug("send to %r failed: %s", to, exc)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            log.warning("message to %r dropped: %s", to, exc)  # flooded: it re-syncs through Hello
+        return True
 
     def reply(self, to: bytes, call: int, status: int, body: dict[str, Any] | None = None, error: str = "") -> None:
         self.send(to, m.Reply(call, status, body, error or None))
@@ -114,18 +119,22 @@ class EngineServer:
         ready = self.core is not None
         reason = None if ready else (self.error or "engine loading")
         beat = m.Beat(self.incarnation, ready, reason, len(self.free))
-        for identity in self.workers:
-            self.send(identity, beat)
+        for identity in list(self.workers):
+            if not self.send(identity, beat):
+                self.forget_worker(identity)  # its connection is closed: the process is gone
 
     def forget_worker(self, identity: bytes) -> None:
-        log.warning("media worker %r went silent: closing its %d streams", identity, self.owned_by(identity))
-        del self.workers[identity]
+        log.warning("media worker %r is gone: closing its %d streams", identity, self.owned_by(identity))
+        self.workers.pop(identity, None)
         for session_id, stream in list(self.streams.items()):
             if stream.owner == identity:
                 self.drop(session_id)
-        for call, route in list(self.routes.items()):
-            if route[0] == identity:
+        for call, (asker, asker_call, holder) in list(self.routes.items()):
+            if asker == identity:
                 del self.routes[call]
+            elif holder == identity:
+                del self.routes[call]
+                self.reply(asker, asker_call, 404, error="the session's media worker is gone")
 
     def owned_by(self, identity: bytes) -> int:
         return sum(s.owner == identity for s in self.streams.values())
@@ -223,8 +232,9 @@ class EngineServer:
             self.reply(sender, msg.call, 404, error=f"no session {msg.session_id!r}")
             return
         call = next(self._call_ids)
-        self.routes[call] = (sender, msg.call)
-        self.send(stream.owner, m.Routed(call, msg.op, msg.session_id, msg.authorization, msg.body))
+        self.routes[call] = (sender, msg.call, stream.owner)
+        if not self.send(stream.owner, m.Routed(call, msg.op, msg.session_id, msg.authorization, msg.body)):
+            self.forget_worker(stream.owner)
 
     def frame_ready(self, sender: bytes, msg: m.FrameReady) -> None:
         stream = self.streams.get(msg.session_id)
@@ -292,6 +302,7 @@ def run_engine(
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a worker whose connection closed fails at once
     sock.bind(address)
     server = EngineServer(sock, table, spec, incarnation)
 

@@ -37,6 +37,15 @@ async def _reported(name: str, coro: Coroutine[Any, Any, None]) -> None:
         log.info("task %s exited", name)
 
 
+async def refresh_metrics_forever(
+    metrics: ServiceMetrics, registry: SessionRegistry, engine: EngineClient, interval_s: float = 1.0
+) -> None:
+    """Keep the gauges current between scrapes: with several media workers, another worker's scrape reads them."""
+    while True:
+        metrics.refresh(registry.fps_by_session(), engine.health())
+        await asyncio.sleep(interval_s)
+
+
 def create_app(
     settings: Settings | None = None,
     editor_factory: EditorFactory | None = None,
@@ -64,13 +73,17 @@ def create_app(
         state = app.state
         state.settings, state.metrics, state.registry, state.engine = settings, metrics, registry, client
         await client.start()
-        reaper = asyncio.create_task(_reported("reaper", registry.reap_forever()))
+        tasks = [
+            asyncio.create_task(_reported("reaper", registry.reap_forever())),
+            asyncio.create_task(_reported("metrics", refresh_metrics_forever(metrics, registry, client))),
+        ]
         try:
             yield
         finally:
             await registry.close_all()
-            reaper.cancel()
-            await asyncio.gather(reaper, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.shutdown()
             pin_host_addresses(None)
 

@@ -1,10 +1,17 @@
-"""Prometheus metrics of the service, in a registry of its own (one per app, no globals)."""
+"""Prometheus metrics of the service, in a registry of its own (one per app, no globals).
+
+With several media workers the supervisor sets PROMETHEUS_MULTIPROC_DIR: every worker's values go to files
+there (prometheus_client's multiprocess mode), and a scrape of any worker adds up all of them. Per-session
+series exist only with one media worker, since a series cannot be removed from those files.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from engines.client import BatchReport, EngineHealth
 
@@ -13,16 +20,27 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 ENGINE_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
-class _FrameCounter:
-    """A frame counter kept twice: streamedit_<name>_total and streamedit_session_<name>_total{session}."""
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-    def __init__(self, name: str, doc: str, registry: CollectorRegistry) -> None:
+
+def shared_across_processes() -> bool:
+    """True when this process's metrics are one media worker's share (multiprocess mode)."""
+    return bool(os.environ.get(MULTIPROCESS_ENV))
+
+
+class _FrameCounter:
+    """A frame counter kept twice: streamedit_<name>_total and, with one media worker,
+    streamedit_session_<name>_total{session}."""
+
+    def __init__(self, name: str, doc: str, registry: CollectorRegistry, per_session: bool) -> None:
         self.total = Counter(f"streamedit_{name}", doc, registry=registry)
         self.per_session = Counter(f"streamedit_session_{name}", doc, ["session"], registry=registry)
+        self.labelled = per_session
 
     def inc(self, session_id: str) -> None:
         self.total.inc()
-        self.per_session.labels(session_id).inc()
+        if self.labelled:
+            self.per_session.labels(session_id).inc()
 
 
 class ServiceMetrics:
@@ -30,30 +48,43 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.active_sessions = Gauge("streamedit_active_sessions", "Open sessions.", registry=r)
+        self.multiprocess = shared_across_processes()
+        r, each = self.registry, not self.multiprocess
+        self.active_sessions = Gauge(
+            "streamedit_active_sessions", "Open sessions.", registry=r, multiprocess_mode="livesum"
+        )
         self.rejected = Counter(
             "streamedit_sessions_rejected", "Sessions refused because the server was full.", registry=r
         )
         # Each frame counter exists as a total and per session: the per-session series go when the
         # session does, the totals keep counting (a scrape after a load test still sees every frame).
-        self.frames_in = _FrameCounter("frames_in", "Camera frames received.", r)
-        self.edited = _FrameCounter("frames_edited", "Frames edited and queued for sending.", r)
-        self.dropped = _FrameCounter("frames_dropped", "Camera frames superseded before editing.", r)
-        self.skipped = _FrameCounter("frames_skipped", "Frames answered by the similarity skip.", r)
-        self.failed = _FrameCounter("frames_failed", "Frames the engine raised on (sent unedited).", r)
+        self.frames_in = _FrameCounter("frames_in", "Camera frames received.", r, each)
+        self.edited = _FrameCounter("frames_edited", "Frames edited and queued for sending.", r, each)
+        self.dropped = _FrameCounter("frames_dropped", "Camera frames superseded before editing.", r, each)
+        self.skipped = _FrameCounter("frames_skipped", "Frames answered by the similarity skip.", r, each)
+        self.failed = _FrameCounter("frames_failed", "Frames the engine raised on (sent unedited).", r, each)
         self.unedited = _FrameCounter(
-            "frames_unedited", "Camera frames sent back unedited while the engine was down.", r
+            "frames_unedited", "Camera frames sent back unedited while the engine was down.", r, each
         )
-        self.engine_up = Gauge("streamedit_engine_up", "1 while the engine is loaded, warm and connected.", registry=r)
+        self.engine_up = Gauge(
+            "streamedit_engine_up",
+            "1 while the engine is loaded, warm and connected (the lowest over media workers).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.engine_restarts = Gauge(
-            "streamedit_engine_restarts", "Engine processes started after the first one this worker saw.", registry=r
+            "streamedit_engine_restarts",
+            "Engine processes started after the first one the media workers saw.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.engine_losses = Counter(
             "streamedit_engine_losses", "Times this media worker lost its engine (process exit or silence).", registry=r
         )
         self.session_fps = Gauge("streamedit_session_edited_fps", "Edited frames per second.", ["session"], registry=r)
-        self.total_fps = Gauge("streamedit_edited_fps", "Edited frames per second, all sessions.", registry=r)
+        self.total_fps = Gauge(
+            "streamedit_edited_fps", "Edited frames per second, all sessions.", registry=r, multiprocess_mode="livesum"
+        )
         self.latency = Histogram(
             "streamedit_capture_to_send_seconds",
             "Camera frame arrival to edited frame send.",
@@ -85,10 +116,6 @@ class ServiceMetrics:
             self.batch_size.observe(report.size)
             self.engine_seconds.labels(str(report.size)).observe(report.seconds)
 
-    def observe_engine(self, health: EngineHealth) -> None:
-        self.engine_up.set(1 if health.ready else 0)
-        self.engine_restarts.set(health.restarts)
-
     def forget_session(self, session_id: str) -> None:
         for metric in self._labelled:
             try:
@@ -96,11 +123,21 @@ class ServiceMetrics:
             except KeyError:
                 pass
 
-    def render(self, fps_by_session: Iterable[tuple[str, float]]) -> bytes:
-        """The exposition text, with the FPS gauges brought up to date first."""
+    def refresh(self, fps_by_session: Iterable[tuple[str, float]], health: EngineHealth) -> None:
+        """Bring the gauges up to date (on every scrape, and each second: other workers' scrapes read them)."""
         total = 0.0
         for session_id, fps in fps_by_session:
-            self.session_fps.labels(session_id).set(fps)
+            if not self.multiprocess:
+                self.session_fps.labels(session_id).set(fps)
             total += fps
         self.total_fps.set(total)
-        return generate_latest(self.registry)
+        self.engine_up.set(1 if health.ready else 0)
+        self.engine_restarts.set(health.restarts)
+
+    def render(self) -> bytes:
+        """The exposition text: this worker's, or with several media workers all of theirs added up."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)

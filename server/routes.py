@@ -72,11 +72,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", tags=["ops"])
 async def metrics(request: Request) -> Response:
-    registry = registry_of(request)
     service_metrics: ServiceMetrics = request.app.state.metrics
-    service_metrics.observe_engine(engine_of(request).health())
-    body = service_metrics.render((s.id, s.stats.edited_fps()) for s in registry.sessions())
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    service_metrics.refresh(registry_of(request).fps_by_session(), engine_of(request).health())
+    return Response(service_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/presets", tags=["sessions"])

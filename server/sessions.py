@@ -127,6 +127,9 @@ class SessionRegistry:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
+    def fps_by_session(self) -> list[tuple[str, float]]:
+        return [(s.id, s.stats.edited_fps()) for s in self._sessions.values()]
+
     async def create(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
         """Negotiate a new session from a complete (non-trickle) offer; returns it with its answer."""
         session_id = uuid.uuid4().hex

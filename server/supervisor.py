@@ -11,14 +11,20 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from engines.client import EngineAddress, connect_engine, launch_engine
+from server.metrics import MULTIPROCESS_ENV
 from server.settings import Settings
 
 log = logging.getLogger("server.supervisor")
@@ -79,6 +85,9 @@ class Supervisor:
     def run(self) -> int:
         # Fail early, with a message, if the port is taken by something that is not one of ours.
         listening_socket(self.settings.host, self.settings.port).close()
+        metrics_dir = tempfile.mkdtemp(prefix="streamedit-metrics-")
+        if self.settings.media_workers > 1:  # every worker's metrics add up in one scrape (server/metrics.py)
+            os.environ[MULTIPROCESS_ENV] = metrics_dir
         launcher = launch_engine(self.settings.engine_spec(), self.settings.max_sessions)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
@@ -97,11 +106,14 @@ class Supervisor:
                         process.pid,
                         process.exitcode,
                     )
+                    if process.pid is not None:  # its live gauges leave the sum; its counters stay
+                        mark_process_dead(process.pid, metrics_dir)
                     time.sleep(0.5)  # a worker that cannot start at all must not spin
                     self._start_worker(index, launcher.address)
         finally:
             self._stop_workers()
             launcher.stop()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
             log.info("supervisor exited")
         return 0
 

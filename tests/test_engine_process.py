@@ -249,6 +249,11 @@ async def test_serve_runs_the_engine_and_two_media_workers_on_one_port(clip_fram
                     sessions[holder] = session
             assert set(sessions) == {"0", "1"}
             await wait_for(lambda: all(len(s.received) >= 5 for s in sessions.values()), 60, "frames on both")
+            # Any worker's /metrics adds up both workers' (prometheus_client's multiprocess mode).
+            for _ in range(4):
+                text = (await fresh.get(f"{url}/metrics")).text
+                assert metric(text, "streamedit_active_sessions") == 2.0, text
+                assert "streamedit_session_frames_in_total" not in text, "per-session series need one worker"
             for session in sessions.values():  # every call works whichever worker the connection reaches
                 for _ in range(6):
                     assert (await session.info())["stats"]["frames_edited"] >= 1
