@@ -57,7 +57,7 @@ def step_totals(metrics_text: str) -> dict[int, dict[str, float]]:
 
 
 def standalone(backend: str, sessions: int, args: argparse.Namespace) -> dict[str, Any]:
-    spec = EngineSpec(backend=backend, threads=args.threads, max_batch=args.max_batch)
+    spec = EngineSpec(backend=backend, threads=args.threads, max_batch=args.max_batch, resolution=args.resolution)
     editor = load_editor(spec)
     prompts = [p["prompt"] for p in load_presets(None)] or ["make it a pencil sketch"]
     warm_every_batch_size(editor, args.max_batch, editor.encode_prompt(prompts[0]))
@@ -88,6 +88,7 @@ async def service(engine: str, backend: str, sessions: int, frames: list[np.ndar
         threads=args.threads,
         engine=engine,
         max_batch=args.max_batch,
+        resolution=args.resolution,
         max_sessions=max(4, sessions),
         log_level="warning",
     )
@@ -156,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window opens")
     parser.add_argument("--clip", type=Path, default=MEDIA / "asl_book.mkv")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="editor frame size (default: the model's 256); at 64 the torch backend's step is many short calls, "
+        "the regime in which an engine thread starves for the GIL",
+    )
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     if not args.clip.is_file():
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(ratios, default=float("nan"))
     parts = [
         machine_markdown(machine, command),
-        f"The shipped default editor at 256², engine threads {args.threads}, max batch {args.max_batch}; "
+        f"The shipped default editor at {args.resolution or 256}², engine threads {args.threads}, "
+        f"max batch {args.max_batch}; "
         f"{args.duration:.0f} s measured after {args.warmup:.0f} s per run; service sessions stream "
         f"{args.clip.name} at {args.fps:g} FPS from aiortc peers in the benchmark's process. Latency: standalone "
         "from offer to outcome; service from capture to receipt at the client (VP8 both ways).\n",

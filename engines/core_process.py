@@ -35,6 +35,9 @@ BEAT_INTERVAL_S = 0.25
 WANT_LEAD_S = 0.008
 #: weight of the newest batch in the running estimate of a batch's duration
 STEP_EMA = 0.3
+#: how long past its expected arrival a frame the engine asked for may hold the next batch back, so that
+#: streams converted one after another still share a batch instead of the first one running alone
+GATHER_S = 0.004
 #: a media worker silent this long is gone: its streams are closed and their slots freed
 WORKER_TIMEOUT_S = 3.0
 
@@ -64,6 +67,7 @@ class EngineServer:
         self._call_ids = itertools.count(1)
         self.batch_seconds: dict[int, float] = {}  # running estimate of a batch's duration, by its size
         self.want_at = 0.0  # when the frames after the running batch should be converted
+        self.awaiting: dict[str, float] = {}  # streams asked for a frame → until when the next batch waits for it
 
     # -- sending ---------------------------------------------------------------------------------------------
     def send(self, to: bytes, msg: msgspec.Struct) -> bool:
@@ -85,15 +89,30 @@ class EngineServer:
         poller.register(self.sock, zmq.POLLIN)
         next_beat = 0.0
         while True:
-            busy = self.core is not None and bool(self.core.ready())
-            if poller.poll(0 if busy else int(BEAT_INTERVAL_S * 1000 / 2)):
+            now = time.monotonic()
+            ready = len(self.core.ready()) if self.core is not None else 0
+            gather_until = max(self.awaiting.values(), default=now)
+            if not ready:
+                timeout_ms = BEAT_INTERVAL_S * 1000 / 2
+            elif ready >= self.core.max_batch or gather_until <= now:  # type: ignore[union-attr]
+                timeout_ms = 0
+            else:  # a frame that was asked for is on its way: let it join this batch
+                timeout_ms = max(1.0, (gather_until - now) * 1000)
+            if poller.poll(int(timeout_ms)):
                 self.drain()
-            if self.core is not None:
+            if self.core is not None and self.batch_is_due():
                 self.step()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + BEAT_INTERVAL_S
                 self.beat(now)
+
+    def batch_is_due(self) -> bool:
+        """A stream has a frame, and the batch is full or no frame that was asked for is still due."""
+        assert self.core is not None
+        ready = len(self.core.ready())
+        now = time.monotonic()
+        return ready > 0 and (ready >= self.core.max_batch or all(t <= now for t in self.awaiting.values()))
 
     def drain(self) -> None:
         while True:
@@ -219,6 +238,7 @@ class EngineServer:
         self.reply(sender, msg.call, 200)
 
     def drop(self, session_id: str) -> None:
+        self.awaiting.pop(session_id, None)
         stream = self.streams.pop(session_id, None)
         if stream is None:
             return
@@ -240,12 +260,14 @@ class EngineServer:
         stream = self.streams.get(msg.session_id)
         if stream is None or stream.owner != sender:
             return
+        self.awaiting.pop(msg.session_id, None)
         slot, session_id, owner = stream.slot, msg.session_id, stream.owner
 
         def pixels() -> np.ndarray:
             # Copied out as the engine takes it; the worker may write the next frame once asked.
             frame = self.table.read_input(slot)
             self.send(owner, m.Want(session_id, self.want_at))
+            self.awaiting[session_id] = max(self.want_at, time.monotonic()) + WANT_LEAD_S + GATHER_S
             return frame
 
         stream.frame_slot.offer(PendingFrame(pixels=pixels, received_at=msg.received_at, meta=msg.seq))

@@ -30,10 +30,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}"
 
 
-def capacity(config: LoadConfig, target_fps: float, max_p95_ms: float, max_sessions: int) -> dict[str, Any]:
-    """Raise the session count one at a time until a step misses the FPS target or the latency bound."""
+def capacity(
+    config: LoadConfig, target_fps: float, max_p95_ms: float, max_sessions: int, counts: list[int] | None = None
+) -> dict[str, Any]:
+    """Raise the session count (one at a time, or through `counts`) until a step misses the FPS target or the
+    latency bound."""
     steps, held = [], 0
-    for n in range(1, max_sessions + 1):
+    for n in counts or range(1, max_sessions + 1):
         step = run_step(replace(config, sessions=n))
         steps.append(step)
         p95 = step["latency_ms_p95"]
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-fps", type=float, default=12.0)
     p.add_argument("--max-p95-ms", type=float, default=200.0)
     p.add_argument("--max-sessions", type=int, default=16, help="capacity mode: stop here")
+    p.add_argument("--steps", type=int, nargs="+", help="capacity mode: these session counts, in order (e.g. 8 16 32)")
     p.add_argument("--spawn-server", action="store_true", help="start `streamedit serve` on --url's port first")
     p.add_argument("--server-args", default="", help="extra flags for the spawned server")
     p.add_argument("--out", type=Path, default=Path("loadtest/results/latest"))
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             processes=args.processes,
         )
         config.check()
+        if args.steps and (sorted(args.steps) != args.steps or args.steps[0] < 1):
+            raise ValueError(f"--steps takes increasing session counts of at least 1, not {args.steps}")
         if args.source != "synthetic" and not Path(args.source).is_file():
             raise ValueError(f"no such video file: {args.source}")
     except ValueError as exc:
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(config.url, 300 if server else 10)
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         if args.capacity:
-            report = capacity(config, args.target_fps, args.max_p95_ms, args.max_sessions)
+            report = capacity(config, args.target_fps, args.max_p95_ms, args.max_sessions, args.steps)
         else:
             report = run_step(config)
             report["target_fps"] = args.target_fps
