@@ -72,7 +72,7 @@ export const api = {
   presets: () => request('GET', './v1/presets'),
   createSession: (offer, edit) =>
     request('POST', './v1/sessions', { body: { sdp: offer.sdp, type: offer.type, edit } }),
-  getSession: (id) => request('GET', sessionPath(id)),
+  getSession: (id, token) => request('GET', sessionPath(id), { token }),
   patchSession: (id, token, changes) => request('PATCH', sessionPath(id), { body: changes, token }),
   deleteSession: (id, token, { keepalive = false } = {}) => request('DELETE', sessionPath(id), { token, keepalive }),
 };

@@ -578,7 +578,7 @@ const fmt = (value, digits = 0) => (value === null || value === undefined || Num
 async function pollStats(run) {
   const { pc, session } = state;
   if (run !== state.run || !pc || !session) return;
-  const [browser, server] = await Promise.allSettled([inboundVideoStats(pc, state.lastInbound), api.getSession(session.id)]);
+  const [browser, server] = await Promise.allSettled([inboundVideoStats(pc, state.lastInbound), api.getSession(session.id, session.token)]);
   if (run !== state.run) return;
 
   let inbound = null;

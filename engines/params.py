@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import unicodedata
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 DEFAULT_PROMPT = "make it a pencil sketch"
 
@@ -61,6 +62,22 @@ class EditParams(BaseModel):
         description="Most consecutive frames that may be skipped before one is edited again.",
     )
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_text(cls, prompt: str) -> str:
+        return check_prompt(prompt)
+
+
+def check_prompt(prompt: str) -> str:
+    """Words, not blanks, control characters or unencodable halves of a character."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty or only whitespace")
+    odd = {unicodedata.category(c) for c in prompt} & {"Cc", "Cs"}
+    if odd:
+        what = "a control character" if "Cc" in odd else "a lone surrogate (not valid Unicode text)"
+        raise ValueError(f"the prompt contains {what}")
+    return prompt
+
 
 def _all_optional(model: type[BaseModel], name: str) -> type[BaseModel]:
     """A model with the same fields and bounds as `model`, each optional and defaulting to None."""
@@ -76,7 +93,12 @@ _EditParamsPatchBase = _all_optional(EditParams, "_EditParamsPatchBase")
 
 
 class EditParamsPatch(_EditParamsPatchBase):  # type: ignore[misc,valid-type]
-    """A partial update of EditParams: only the fields given change, within the same bounds."""
+    """A partial update of EditParams: only the fields given change, within the same bounds and checks."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_text(cls, prompt: str | None) -> str | None:
+        return None if prompt is None else check_prompt(prompt)
 
     def apply(self, params: EditParams) -> EditParams:
         """Return params with this patch's given fields replaced (and validated again)."""

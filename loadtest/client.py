@@ -168,7 +168,7 @@ class EditSession:
         return await self.http.patch(f"{self.base_url}/v1/sessions/{self.session_id}", json=params, headers=self.auth)
 
     async def info(self) -> dict[str, Any]:
-        response = await self.http.get(f"{self.base_url}/v1/sessions/{self.session_id}")
+        response = await self.http.get(f"{self.base_url}/v1/sessions/{self.session_id}", headers=self.auth)
         response.raise_for_status()
         return response.json()
 

@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from engines.client import EditorFactory, EngineClient, open_engine_client
-from server.errors import ServiceError
+from server.errors import ServiceError, describe_invalid, safe_text
 from server.ice import parse_port_range, pin_host_addresses, restrict_udp_ports
+from server.limits import BodyLimit
 from server.metrics import ServiceMetrics
 from server.routes import router
 from server.sessions import SessionRegistry
@@ -23,18 +25,20 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-async def _reported(name: str, coro: Coroutine[Any, Any, None]) -> None:
-    """Run a background task; its end, for whatever reason, goes to the log."""
-    try:
-        await coro
-    except asyncio.CancelledError:
-        log.info("task %s stopped", name)
-        raise
-    except Exception:
-        log.exception("task %s crashed", name)
-        raise
-    else:
-        log.info("task %s exited", name)
+async def _supervised(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a background task for the app's lifetime: each end goes to the log, and a crash restarts it."""
+    while True:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            log.info("task %s stopped", name)
+            raise
+        except Exception:
+            log.exception("task %s crashed: restarting it in 1 s", name)
+            await asyncio.sleep(1.0)
+        else:
+            log.info("task %s exited", name)
+            return
 
 
 async def refresh_metrics_forever(
@@ -65,7 +69,7 @@ def create_app(
         client = engine or open_engine_client(
             settings.engine, settings.engine_spec(), settings.max_sessions, editor_factory
         )
-        metrics = ServiceMetrics()
+        metrics = ServiceMetrics(per_session=settings.metrics_per_session)
         registry = SessionRegistry(settings, client, metrics)
         client.on_batch = metrics.observe_batch
         client.on_engine_lost = lambda why: metrics.engine_losses.inc()
@@ -73,17 +77,20 @@ def create_app(
         state = app.state
         state.settings, state.metrics, state.registry, state.engine = settings, metrics, registry, client
         await client.start()
-        tasks = [
-            asyncio.create_task(_reported("reaper", registry.reap_forever())),
-            asyncio.create_task(_reported("metrics", refresh_metrics_forever(metrics, registry, client))),
-        ]
+        tasks = {
+            "reaper": asyncio.create_task(_supervised("reaper", registry.reap_forever)),
+            "metrics": asyncio.create_task(
+                _supervised("metrics", lambda: refresh_metrics_forever(metrics, registry, client))
+            ),
+        }
+        state.tasks = tasks
         try:
             yield
         finally:
             await registry.close_all()
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
             await client.shutdown()
             pin_host_addresses(None)
 
@@ -96,7 +103,11 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
+        return JSONResponse({"detail": safe_text(exc.message, 500)}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": describe_invalid(exc.errors())}, status_code=422)
 
     @app.middleware("http")
     async def name_the_worker(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -104,6 +115,7 @@ def create_app(
         response.headers["X-StreamEdit-Worker"] = worker_name
         return response
 
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(router)
     if settings.static_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="client_web")

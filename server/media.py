@@ -17,6 +17,22 @@ from engines.client import EngineOutcome
 log = logging.getLogger(__name__)
 
 
+#: camera frames beyond these are refused before any scaling: a 16000×16 frame scaled to the editor's square
+#: would cost a large fraction of a second and hundreds of megabytes
+MAX_CAMERA_SIDE = 4096
+MAX_CAMERA_ASPECT = 4.0
+
+
+def refusal(frame: av.VideoFrame) -> str | None:
+    """Why a camera frame is not worth converting, or None when it is fine."""
+    w, h = frame.width, frame.height
+    if min(w, h) < 2 or max(w, h) > MAX_CAMERA_SIDE:
+        return f"{w}x{h} is outside 2..{MAX_CAMERA_SIDE} pixels a side"
+    if max(w, h) / min(w, h) > MAX_CAMERA_ASPECT:
+        return f"{w}x{h} is wider than {MAX_CAMERA_ASPECT:g}:1"
+    return None
+
+
 def fit_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
     """Scale a camera frame so its shorter side is `size` (keeping its aspect), then centre-crop a square.
 
@@ -33,7 +49,9 @@ def fit_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
 FrameSink = Callable[[Callable[[], np.ndarray], float, object], None]
 
 
-async def read_newest(track: MediaStreamTrack, offer: FrameSink, size: int) -> None:
+async def read_newest(
+    track: MediaStreamTrack, offer: FrameSink, size: int, refuse: Callable[[str], None] = lambda why: None
+) -> None:
     """Drain `track` as fast as it delivers, handing each frame on (with a converter that runs only if the
     engine takes it); the engine stream keeps only the newest.
 
@@ -46,6 +64,10 @@ async def read_newest(track: MediaStreamTrack, offer: FrameSink, size: int) -> N
         except MediaStreamError:
             return
         if not isinstance(frame, av.VideoFrame):
+            continue
+        why = refusal(frame)
+        if why is not None:
+            refuse(why)
             continue
         offer(lambda frame=frame: fit_frame(frame, size), time.monotonic(), (frame.pts, frame.time_base))
 

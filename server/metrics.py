@@ -46,10 +46,12 @@ class _FrameCounter:
 class ServiceMetrics:
     """Counters, gauges and histograms; safe to update from the engine thread and the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_session: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = shared_across_processes()
-        r, each = self.registry, not self.multiprocess
+        # Session ids in labels would let anyone who can scrape find every session: opt-in, one worker only.
+        self.per_session = per_session and not self.multiprocess
+        r, each = self.registry, self.per_session
         self.active_sessions = Gauge(
             "streamedit_active_sessions", "Open sessions.", registry=r, multiprocess_mode="livesum"
         )
@@ -127,7 +129,7 @@ class ServiceMetrics:
         """Bring the gauges up to date (on every scrape, and each second: other workers' scrapes read them)."""
         total = 0.0
         for session_id, fps in fps_by_session:
-            if not self.multiprocess:
+            if self.per_session:
                 self.session_fps.labels(session_id).set(fps)
             total += fps
         self.total_fps.set(total)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import JSONResponse
@@ -12,10 +12,26 @@ from pydantic import BaseModel, Field
 
 from engines.client import EngineClient, RoutedCall, RoutedReply
 from engines.params import EditParams, EditParamsPatch
+from server.errors import ErrorBody
 from server.metrics import ServiceMetrics
 from server.sessions import SessionRegistry
 
 router = APIRouter()
+
+_MEANINGS = {
+    400: "Bad SDP offer (malformed, no video, more than one video track).",
+    401: "No 'Authorization: Bearer <token>' header.",
+    403: "The token belongs to another session.",
+    404: "No such session.",
+    413: "Request body over the limit (--max-body-bytes).",
+    422: "Invalid parameters: one {loc, msg, type} per field; the input is never echoed.",
+    503: "Full, or the engine is loading or restarting: retry after Retry-After seconds.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route answers, each with the one error body."""
+    return {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in (*codes, 413, 422)}
 
 
 class OfferRequest(BaseModel):
@@ -56,11 +72,18 @@ async def healthz() -> dict[str, object]:
     return {"status": "ok", "pid": os.getpid()}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get(
+    "/readyz",
+    tags=["ops"],
+    responses={503: {"description": "Not ready: engine loading or restarting, or no capacity left (a reason says)."}},
+)
 async def readyz(request: Request) -> JSONResponse:
     """200 when the engine is loaded, warm and connected and a session can be admitted, else 503."""
     health = engine_of(request).health()
     registry = registry_of(request)
+    stopped = [name for name, task in request.app.state.tasks.items() if task.done()]
+    if stopped:
+        return JSONResponse({"ready": False, "reason": f"background task {stopped[0]} ended"}, status_code=503)
     if not health.ready:
         return JSONResponse({"ready": False, "reason": health.reason or "engine not ready"}, status_code=503)
     left = health.capacity_left
@@ -70,7 +93,12 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if left > 0 else 503)
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    responses={200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}}},
+)
 async def metrics(request: Request) -> Response:
     service_metrics: ServiceMetrics = request.app.state.metrics
     service_metrics.refresh(registry_of(request).fps_by_session(), engine_of(request).health())
@@ -85,7 +113,9 @@ async def presets(request: Request) -> dict[str, object]:
     return {"presets": info.presets, "defaults": info.default_params.model_dump(), "ranges": info.guidance_ranges}
 
 
-@router.post("/v1/sessions", status_code=201, response_model=AnswerResponse, tags=["sessions"])
+@router.post(
+    "/v1/sessions", status_code=201, response_model=AnswerResponse, tags=["sessions"], responses=errors(400, 503)
+)
 async def create_session(request: Request, offer: OfferRequest) -> AnswerResponse:
     """Open a session from a complete SDP offer; the answer carries the edited video track."""
     params = engine_of(request).info.default_params
@@ -95,13 +125,15 @@ async def create_session(request: Request, offer: OfferRequest) -> AnswerRespons
     return AnswerResponse(session_id=session.id, token=session.token, sdp=answer.sdp, edit=session.params)
 
 
-@router.get("/v1/sessions/{session_id}", tags=["sessions"])
-async def get_session(request: Request, session_id: str) -> Response:
-    """Effective params and live stats of a session (whichever media worker holds it)."""
-    return reply(await registry_of(request).call(RoutedCall("get", session_id)))
+@router.get("/v1/sessions/{session_id}", tags=["sessions"], responses=errors(401, 403, 404, 503))
+async def get_session(request: Request, session_id: str, authorization: str | None = Header(None)) -> Response:
+    """Effective params and live stats of a session (whichever media worker holds it); needs its token."""
+    return reply(await registry_of(request).call(RoutedCall("get", session_id, authorization)))
 
 
-@router.patch("/v1/sessions/{session_id}", response_model=EditResponse, tags=["sessions"])
+@router.patch(
+    "/v1/sessions/{session_id}", response_model=EditResponse, tags=["sessions"], responses=errors(401, 403, 404, 503)
+)
 async def patch_session(
     request: Request,
     session_id: str,
@@ -113,7 +145,7 @@ async def patch_session(
     return reply(await registry_of(request).call(RoutedCall("patch", session_id, authorization, body)))
 
 
-@router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
+@router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"], responses=errors(401, 403, 404, 503))
 async def delete_session(request: Request, session_id: str, authorization: str | None = Header(None)) -> Response:
     """Close the peer connection and free everything the session held."""
     return reply(await registry_of(request).call(RoutedCall("delete", session_id, authorization)))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
+from pydantic import ValidationError
 
 from engines.client import (
     EngineClient,
@@ -24,7 +25,16 @@ from engines.client import (
     StreamNotFound,
 )
 from engines.params import EditParams, EditParamsPatch
-from server.errors import BadOffer, Forbidden, ServiceError, SessionNotFound, Unauthorized, Unavailable
+from server.errors import (
+    BadOffer,
+    Forbidden,
+    ServiceError,
+    SessionNotFound,
+    Unauthorized,
+    Unavailable,
+    describe_invalid,
+    safe_text,
+)
 from server.ice import keep_reachable_candidates, rtc_configuration
 from server.media import EditedVideoTrack, read_newest
 from server.metrics import ServiceMetrics
@@ -56,7 +66,12 @@ class Session:
         return "closed" if self.closed else self.pc.connectionState
 
     def start_reading(self, track: MediaStreamTrack, size: int) -> None:
-        self._reader = asyncio.ensure_future(read_newest(track, self._offer, size))
+        self._reader = asyncio.ensure_future(read_newest(track, self._offer, size, self._refused))
+
+    def _refused(self, why: str) -> None:
+        if self.stats.refused == 0:
+            log.warning("session %s: camera frame refused: %s", self.id, why)
+        self.stats.refused += 1
 
     def _offer(self, pixels: Callable[[], np.ndarray], received_at: float, meta: object) -> None:
         if self.stream is None:
@@ -120,6 +135,7 @@ class SessionRegistry:
         self.engine = engine
         self.metrics = metrics
         self._sessions: dict[str, Session] = {}
+        self._negotiating = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -132,6 +148,18 @@ class SessionRegistry:
 
     async def create(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
         """Negotiate a new session from a complete (non-trickle) offer; returns it with its answer."""
+        if self._negotiating >= self.settings.max_negotiations:
+            raise Unavailable(
+                f"{self._negotiating} offers are being negotiated already: retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self._negotiating += 1
+        try:
+            return await self._create(sdp, params)
+        finally:
+            self._negotiating -= 1
+
+    async def _create(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
         session_id = uuid.uuid4().hex
         pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
         session = Session(self, pc, session_id, params)
@@ -175,8 +203,11 @@ class SessionRegistry:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:
             raise BadOffer(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
-        if not any(t.kind == "video" for t in pc.getTransceivers()):
+        videos = sum(t.kind == "video" for t in pc.getTransceivers())
+        if videos == 0:
             raise BadOffer("the offer has no video section: send the camera as a video track")
+        if videos > 1:  # each would be decoded; one session edits one camera
+            raise BadOffer(f"the offer has {videos} video sections: send exactly one camera track")
         pc.addTrack(session.output)
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription
@@ -193,7 +224,8 @@ class SessionRegistry:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing 'Authorization: Bearer <token>' header", headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(token.strip(), session.token):
+        # Bytes, so any header text compares in constant time (str needs ASCII).
+        if not secrets.compare_digest(token.strip().encode(), session.token.encode()):
             raise Forbidden("this token does not belong to this session")
         return session
 
@@ -215,16 +247,18 @@ class SessionRegistry:
     async def answer(self, call: RoutedCall) -> RoutedReply:
         """Carry out a call on a session this worker holds; errors become their status and message."""
         try:
+            session = self.authorize(call.session_id, call.authorization)  # even to read: params are private
             if call.op == "get":
-                return RoutedReply(200, self.get(call.session_id).describe())
-            session = self.authorize(call.session_id, call.authorization)
+                return RoutedReply(200, session.describe())
             if call.op == "patch":
                 params = await session.update(EditParamsPatch.model_validate(call.body), self.engine)
                 return RoutedReply(200, {"edit": params.model_dump()})
             await self.close(call.session_id)
             return RoutedReply(204, None)
         except ServiceError as exc:
-            return RoutedReply(exc.status, {"detail": exc.message})
+            return RoutedReply(exc.status, {"detail": safe_text(exc.message, 500)})
+        except ValidationError as exc:  # a routed body is validated again where the session lives
+            return RoutedReply(422, {"detail": describe_invalid(exc.errors())})
         except EngineError as exc:
             return RoutedReply(exc.status, {"detail": str(exc)})
 

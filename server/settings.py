@@ -79,6 +79,17 @@ class Settings(BaseSettings):
     )
     connect_timeout_s: float = Field(15.0, gt=0, description="Reap a session whose peer never connects by then.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with a 503 when full.")
+    max_negotiations: int = Field(
+        8, ge=1, le=256, description="Offers negotiated at once by one media worker; more get 503 (Retry-After 1)."
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest request body accepted (413 beyond); an SDP offer is a few KiB."
+    )
+    metrics_per_session: bool = Field(
+        False,
+        description="Also export per-session series labelled with session ids (one media worker only); off by "
+        "default, since /metrics is not authenticated.",
+    )
     static_dir: Path = Field(CLIENT_WEB_DIR, description="The web page served at /.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 

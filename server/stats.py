@@ -21,6 +21,7 @@ class SessionStats:
         self.skipped = 0  # frames the similarity filter answered with the previous output
         self.errors = 0  # frames the engine raised on (sent unedited)
         self.unedited = 0  # frames sent back unedited because the engine was down (restarting)
+        self.refused = 0  # camera frames of an absurd size or shape, never converted
         self.last_batch_size = 0
         # pts of the first frame sent back, in the receiver's timeline (pts counted from the first camera
         # frame received): with it a client can tell which of its frames each edited frame came from,
@@ -76,6 +77,7 @@ class SessionStats:
             "skipped": self.skipped,
             "errors": self.errors,
             "unedited": self.unedited,
+            "refused": self.refused,
             "edited_fps": round(self.edited_fps(), 2),
             "latency_ms_p50": self.latency_ms(50),
             "latency_ms_p95": self.latency_ms(95),

@@ -146,7 +146,7 @@ async def test_a_session_opened_through_one_media_worker_is_patched_and_deleted_
         try:
             await wait_for(lambda: len(session.received) >= 5, 30, "frames through worker A")
             via_b = f"{url_b}/v1/sessions/{session.session_id}"
-            response = await http.get(via_b)
+            response = await http.get(via_b, headers=session.auth)
             assert response.status_code == 200 and response.headers["X-StreamEdit-Worker"] == "1"
             assert response.json()["stats"]["frames_edited"] >= 5, "worker B answers with worker A's live stats"
             assert (
@@ -165,7 +165,7 @@ async def test_a_session_opened_through_one_media_worker_is_patched_and_deleted_
                 await other.close()
             assert (await http.delete(via_b, headers=session.auth)).status_code == 204
             assert (await http.get(f"{url_a}/v1/sessions/{session.session_id}")).status_code == 404
-            assert (await http.get(via_b)).status_code == 404
+            assert (await http.get(via_b, headers=session.auth)).status_code == 404
             assert (await http.get(f"{url_b}/v1/sessions/no-such-session")).status_code == 404
         finally:
             await session.close(delete=False)

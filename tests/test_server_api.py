@@ -140,7 +140,7 @@ async def test_health_readiness_and_metrics(clip_frames, tmp_path) -> None:
             ready = (await http.get("/readyz")).json()
             assert ready["ready"] is True and ready["capacity_left"] == 4
 
-    async with running_server() as srv:
+    async with running_server(metrics_per_session=True) as srv:
         session = await srv.open_session(clip_frames)
         await wait_for(lambda: len(session.received) >= 10, 20, "frames")
         text = (await srv.http.get(f"{srv.url}/metrics")).text
