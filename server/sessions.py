@@ -53,6 +53,7 @@ class Session:
         self.pc = pc
         self.params = params
         self.created_at = time.monotonic()
+        self.last_camera_at = self.created_at  # the last camera frame (refused ones too)
         self.stats = SessionStats()
         self.closed = False
         self.stream: EngineStream | None = None
@@ -69,11 +70,13 @@ class Session:
         self._reader = asyncio.ensure_future(read_newest(track, self._offer, size, self._refused))
 
     def _refused(self, why: str) -> None:
+        self.last_camera_at = time.monotonic()
         if self.stats.refused == 0:
             log.warning("session %s: camera frame refused: %s", self.id, why)
         self.stats.refused += 1
 
     def _offer(self, pixels: Callable[[], np.ndarray], received_at: float, meta: object) -> None:
+        self.last_camera_at = received_at
         if self.stream is None:
             return
         replaced = self.stream.submit(pixels, received_at, meta)
@@ -292,6 +295,9 @@ class SessionRegistry:
                 timeout = self.settings.connect_timeout_s
                 never_connected = state in ("new", "connecting") and now - session.created_at > timeout
                 gone = state in ("failed", "closed") or now - disconnected_since.get(session.id, now) > timeout
+                # A peer killed outright leaves ICE "connected" for half a minute; its camera stops at once.
+                silent = state == "connected" and now - session.last_camera_at > self.settings.camera_timeout_s
+                gone = gone or silent
                 if never_connected or gone:
                     log.info("reaping session %s (state %s)", session.id, state)
                     disconnected_since.pop(session.id, None)

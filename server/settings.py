@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         description="Bind WebRTC media (ICE) to this UDP port range, e.g. 40000-40100; default any port.",
     )
     connect_timeout_s: float = Field(15.0, gt=0, description="Reap a session whose peer never connects by then.")
+    camera_timeout_s: float = Field(
+        10.0, gt=0, description="Reap a connected session whose camera has sent no frame for this long."
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with a 503 when full.")
     max_negotiations: int = Field(
         8, ge=1, le=256, description="Offers negotiated at once by one media worker; more get 503 (Retry-After 1)."

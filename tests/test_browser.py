@@ -302,10 +302,14 @@ def wait_until(page: Any, check: Callable[[], bool], timeout_s: float, what: str
         page.wait_for_timeout(250)
 
 
-def session_edit(srv: Server, session_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{srv.base}/v1/sessions/{session_id}", timeout=5)
+def session_edit(srv: Server, session_id: str, token: str) -> dict[str, Any]:
+    response = httpx.get(f"{srv.base}/v1/sessions/{session_id}", headers=bearer(token), timeout=5)
     response.raise_for_status()
     return dict(response.json()["edit"])
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def save_screenshot(page: Any) -> Path:
@@ -351,13 +355,13 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     with page.expect_response(lambda r: r.url.endswith("/v1/sessions") and r.request.method == "POST") as created:
         page.click("#start")
     assert created.value.status == 201, created.value.text()
-    session_id = created.value.json()["session_id"]
+    session_id, token = created.value.json()["session_id"], created.value.json()["token"]
     page.wait_for_selector("#status[data-state='live']")
     page.wait_for_function("() => document.getElementById('output').videoWidth > 0")
     decoded = page.evaluate(FRAMES_DECODED_JS)
     page.wait_for_function(f"() => ({FRAMES_DECODED_JS})() >= {decoded + 10}")
     page.wait_for_function("() => document.getElementById('stat-edited').textContent.includes('fps')")
-    stats = httpx.get(f"{server.base}/v1/sessions/{session_id}", timeout=5).json()["stats"]
+    stats = httpx.get(f"{server.base}/v1/sessions/{session_id}", headers=bearer(token), timeout=5).json()["stats"]
     assert stats["frames_edited"] > 0 and stats["errors"] == 0, stats
 
     # A second visitor while the only slot is taken: the page says the server is full and when to retry.
@@ -371,7 +375,7 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     other.close()
 
     # Preset: the server's prompt becomes the preset's, and the output changes more than the clip's motion does.
-    current = session_edit(server, session_id)["prompt"]
+    current = session_edit(server, session_id, token)["prompt"]
     target = next((b for b in presets.all() if b.get_attribute("data-prompt") != current), None)
     assert target is not None, "need a preset whose prompt differs from the session's"
     prompt = target.get_attribute("data-prompt")
@@ -380,7 +384,7 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     with page.expect_response(lambda r: r.request.method == "PATCH") as patched:
         target.click()
     assert patched.value.status == 200, patched.value.text()
-    assert session_edit(server, session_id)["prompt"] == prompt
+    assert session_edit(server, session_id, token)["prompt"] == prompt
     assert target.get_attribute("aria-pressed") == "true"
     decoded = page.evaluate(FRAMES_DECODED_JS)
     page.wait_for_function(f"() => ({FRAMES_DECODED_JS})() >= {decoded + 8}")  # let the pipeline flush
@@ -403,7 +407,7 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     assert float(page.inner_text("#text_guidance-value")) == pytest.approx(expected)
     wait_until(
         page,
-        lambda: session_edit(server, session_id)["text_guidance"] == pytest.approx(expected),
+        lambda: session_edit(server, session_id, token)["text_guidance"] == pytest.approx(expected),
         10,
         "s_T to reach the server",
     )

@@ -121,6 +121,16 @@ async def test_sessions_that_never_connect_or_whose_peer_leaves_are_reaped(clip_
         await pc.close()
 
 
+async def test_a_peer_whose_camera_goes_silent_is_reaped_fast(clip_frames) -> None:
+    async with running_server(camera_timeout_s=2.0) as srv:
+        frozen = await srv.open_session(clip_frames)  # as a client killed outright: no BYE, no ICE failure yet
+        await wait_for(lambda: len(frozen.received) > 3, 20, "frames before the camera stops")
+        frozen.source.stop()
+        stopped = asyncio.get_running_loop().time()
+        await wait_for(lambda: len(srv.registry) == 0, 8, "the silent session to be reaped")
+        assert asyncio.get_running_loop().time() - stopped < 5.0
+
+
 async def test_health_readiness_and_metrics(clip_frames, tmp_path) -> None:
     gate = tmp_path / "loaded"  # the engine process finishes loading only when the test creates this file
     app = create_app(Settings(backend="torch", threads=2), editor_factory=GatedUntilFile(gate))
