@@ -117,3 +117,15 @@ async def test_a_failing_frame_passes_through_and_other_sessions_never_notice(cl
         # The failing session still gets its camera back (unedited) and carries on.
         _, passthrough = bad.images[-1]
         assert passthrough.shape == (256, 256, 3)
+
+
+async def test_the_in_thread_engine_serves_the_same_api(clip_frames) -> None:
+    async with running_server(engine="thread") as srv:
+        session = await srv.open_session(clip_frames, edit={"prompt": "make it sepia"})
+        await wait_for(lambda: len(session.received) >= 10, 30, "10 edited frames from the in-thread engine")
+        assert (await session.patch(text_guidance=2.0)).status_code == 200
+        info = await session.info()
+        assert info["stats"]["frames_edited"] >= 10 and info["stats"]["errors"] == 0
+        assert info["edit"]["text_guidance"] == 2.0
+        assert (await session.close()).status_code == 204
+        srv.sessions.remove(session)
