@@ -1,6 +1,6 @@
-"""The engine process: loads the editor, keeps the stream table, and runs EngineCore.step() behind a ROUTER socket.
+"""The engine process: loads the editor, keeps the stream table, and runs EngineCore batches behind a ROUTER socket.
 
-One thread runs the loop: drain control messages, step once if any stream has a frame, publish outcomes.
+One thread runs the loop: drain control messages, run one batch if any stream has a frame, publish outcomes.
 Loading happens on a second thread so the loop answers Beats (not ready yet) meanwhile. The stream table
 (session → media worker, slot, conditions) lives here, so admission counts every worker's sessions and a
 call that lands on the wrong worker is carried to the right one.
@@ -275,10 +275,9 @@ class EngineServer:
     # -- the batch -------------------------------------------------------------------------------------------
     def step(self) -> None:
         assert self.core is not None
-        ready = self.core.ready()
-        if not ready:
+        chosen = self.core.select()
+        if not chosen:
             return
-        chosen = self.core.policy.select(ready, self.core.max_batch)
         size = len(chosen)
         started = time.monotonic()
         # The streams in this batch are asked for their next frame now, to be converted as it ends.

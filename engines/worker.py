@@ -1,4 +1,4 @@
-"""The batching engine: per-stream newest-frame slots, the batch policy, EngineCore.step() and its thread.
+"""The batching engine: per-stream newest-frame slots, the batch policy, EngineCore (select, run), its thread.
 
 The hot-path rule: only `EngineCore.run` loops over a batch; everything else handles one stream.
 """
@@ -152,7 +152,7 @@ class _Running:
 
 
 class EngineCore:
-    """The batching loop's body without threads: streams register their slots, each `step()` edits one batch."""
+    """The batching loop's body without threads: streams register their slots; `run(select())` edits one batch."""
 
     def __init__(
         self, editor: BatchEditor, max_batch: int = DEFAULT_MAX_BATCH, policy: BatchPolicy | None = None
@@ -172,12 +172,10 @@ class EngineCore:
     def ready(self) -> list[FrameSlot]:
         return [s for s in self.slots.values() if s.has_pending()]
 
-    def step(self) -> tuple[list[tuple[FrameSlot, FrameOutcome]], BatchStats] | None:
-        """Edit the policy's choice of ready streams in one call; None when no stream has a frame."""
+    def select(self) -> list[FrameSlot]:
+        """The policy's choice of ready streams for the next call (empty when no stream has a frame)."""
         ready = self.ready()
-        if not ready:
-            return None
-        return self.run(self.policy.select(ready, self.max_batch))
+        return self.policy.select(ready, self.max_batch) if ready else []
 
     def run(self, chosen: list[FrameSlot]) -> tuple[list[tuple[FrameSlot, FrameOutcome]], BatchStats]:
         """Take one frame from each chosen stream, edit them in one call, and return each stream's outcome."""
@@ -316,7 +314,7 @@ class EngineWorker:
                         self._cond.wait(timeout=0.5)
                     if self._stop:
                         return
-                    chosen = self.core.policy.select(self.core.ready(), self.core.max_batch)
+                    chosen = self.core.select()
                 outcomes, stats = self.core.run(chosen)
                 for slot, outcome in outcomes:
                     try:
