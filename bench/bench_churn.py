@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,18 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchlib import command_line, machine_info, machine_markdown, publish, table
+from benchlib import command_line, free_port, machine_info, machine_markdown, publish, table, wait_ready
 
 from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def process_figures(pid: int) -> dict[str, float]:
@@ -54,14 +46,7 @@ async def churn(url: str, args: argparse.Namespace) -> dict[str, Any]:
     frames = load_clip(args.clip, 320, 240, max_frames=60)
     pin_loopback_candidates()
     async with httpx.AsyncClient(timeout=30) as http:
-        deadline = time.monotonic() + 300
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(f"{url}/readyz")).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server never became ready")
-            await asyncio.sleep(0.5)
+        await wait_ready(http, url, 300)
         pid = int((await http.get(f"{url}/healthz")).json()["pid"])
         idle = process_figures(pid)
         samples = [{"cycle": 0, **idle}]

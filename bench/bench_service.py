@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import httpx
 import numpy as np
 import uvicorn
 from bench_worker import run_step, warm_every_batch_size
-from benchlib import command_line, machine_info, machine_markdown, publish, table
+from benchlib import command_line, free_port, machine_info, machine_markdown, publish, table, wait_ready
 
 from engines.loader import EngineSpec, load_editor, load_presets
 from engines.spec import DEFAULT_MAX_BATCH
@@ -40,12 +38,6 @@ from server.settings import Settings
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 STEP_METRIC = re.compile(r'^streamedit_engine_batch_seconds_(sum|count)\{batch_size="(\d+)"\} (\S+)$', re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def step_totals(metrics_text: str) -> dict[int, dict[str, float]]:
@@ -100,14 +92,7 @@ async def service(engine: str, backend: str, sessions: int, frames: list[np.ndar
     clients: list[EditSession] = []
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            deadline = time.monotonic() + 180
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{url}/readyz")).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the {engine} engine never became ready")
-                await asyncio.sleep(0.2)
+            await wait_ready(http, url, 180, f"the {engine} engine")
             prompts = [p["prompt"] for p in load_presets(None)] or ["make it a pencil sketch"]
             for i in range(sessions):
                 client = EditSession(url, ClipTrack(frames, args.fps), http)

@@ -1,13 +1,16 @@
-"""Shared benchmark plumbing: machine description, interleaved timing, FLOP counting and result files."""
+"""Shared benchmark plumbing: machine description, interleaved timing, FLOP counting, a server to wait for, results."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import shlex
+import socket
 import statistics
 import sys
 import time
@@ -15,12 +18,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engines.text import PromptEncoder
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(http: httpx.AsyncClient, url: str, timeout_s: float, what: str = "the server") -> None:
+    """Poll `url`/readyz until it answers 200; RuntimeError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await http.get(f"{url}/readyz")).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} never became ready")
+        await asyncio.sleep(0.2)
 
 
 class RandomPromptEncoder(PromptEncoder):
