@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+from av.video.reformatter import VideoReformatter
 
 VIDEO_CLOCK = 90000
 
@@ -70,6 +71,13 @@ class ClipTrack(VideoStreamTrack):
     def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
         super().__init__()
         self.frames = frames
+        # Converted once to the encoder's yuv420p: an rgb24 frame would be converted on every send, each time
+        # through a new scaler with a thread per core, CPU that this machine's server needs.
+        to_yuv = VideoReformatter()
+        self._yuv = [
+            to_yuv.reformat(av.VideoFrame.from_ndarray(f, format="rgb24"), format="yuv420p", threads=1).to_ndarray()
+            for f in frames
+        ]
         self.fps = fps
         self.captured_at: dict[int, float] = {}  # pts → time.monotonic() when the frame was produced
         self.sent_pts: list[int] = []  # in increasing order
@@ -84,7 +92,7 @@ class ClipTrack(VideoStreamTrack):
             self._start = time.monotonic()
         due = self._start + self._index / self.fps
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        frame = av.VideoFrame.from_ndarray(self.frames[self._index % len(self.frames)], format="rgb24")
+        frame = av.VideoFrame.from_ndarray(self._yuv[self._index % len(self._yuv)], format="yuv420p")
         pts = round(self._index * VIDEO_CLOCK / self.fps)
         frame.pts, frame.time_base = pts, fractions.Fraction(1, VIDEO_CLOCK)
         self.captured_at[pts] = time.monotonic()
@@ -116,6 +124,7 @@ class EditSession:
     images: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (index in received, RGB)
     on_frame: Callable[[Received, av.VideoFrame], None] | None = None
     pc: RTCPeerConnection | None = None
+    _to_rgb: VideoReformatter = field(default_factory=VideoReformatter, repr=False)
     _reader: asyncio.Task[None] | None = None
     _first_sent_pts: int | None = None
 
@@ -155,7 +164,8 @@ class EditSession:
             item = Received(time.monotonic(), int(frame.pts))
             self.received.append(item)
             if self.keep_images:
-                self.images.append((len(self.received) - 1, frame.to_ndarray(format="rgb24")))
+                rgb = self._to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                self.images.append((len(self.received) - 1, rgb))
                 del self.images[: -self.keep_images]
             if self.on_frame is not None:
                 self.on_frame(item, frame)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av.video.reformatter import VideoReformatter
 
 from engines.client import EngineOutcome
 
@@ -33,15 +34,17 @@ def refusal(frame: av.VideoFrame) -> str | None:
     return None
 
 
-def fit_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
+def fit_frame(frame: av.VideoFrame, size: int, scaler: VideoReformatter | None = None) -> np.ndarray:
     """Scale a camera frame so its shorter side is `size` (keeping its aspect), then centre-crop a square.
 
-    Cameras change their send resolution under load; this keeps what the editor sees the same shape.
+    Cameras change their send resolution under load; this keeps what the editor sees the same shape. One
+    scaler per session (`scaler`) keeps one swscale context for all its frames.
     """
     w, h = frame.width, frame.height
     scale = size / min(w, h)
     sw, sh = max(size, round(w * scale)), max(size, round(h * scale))
-    rgb = frame.to_ndarray(format="rgb24", width=sw, height=sh)
+    scaled = (scaler or VideoReformatter()).reformat(frame, format="rgb24", width=sw, height=sh, threads=1)
+    rgb = scaled.to_ndarray()
     top, left = (sh - size) // 2, (sw - size) // 2
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
@@ -58,6 +61,9 @@ async def read_newest(
     aiortc's receive queue is unbounded: a consumer slower than the camera would otherwise build
     seconds of latency. Returns when the track ends.
     """
+    # Single-threaded and reused: PyAV's default gives each frame its own scaler with a pool of one thread
+    # per core, spawned per frame and kept alive for as long as the frame object is.
+    scaler = VideoReformatter()
     while True:
         try:
             frame = await track.recv()
@@ -69,7 +75,7 @@ async def read_newest(
         if why is not None:
             refuse(why)
             continue
-        offer(lambda frame=frame: fit_frame(frame, size), time.monotonic(), (frame.pts, frame.time_base))
+        offer(lambda frame=frame: fit_frame(frame, size, scaler), time.monotonic(), (frame.pts, frame.time_base))
 
 
 class EditedVideoTrack(MediaStreamTrack):
@@ -83,6 +89,9 @@ class EditedVideoTrack(MediaStreamTrack):
         self._new = asyncio.Event()
         self._last_pts: int | None = None
         self._on_sent = on_sent
+        # Frames go out in the encoder's own yuv420p, converted by one single-threaded scaler: left in rgb24,
+        # aiortc's encoder would convert each through a new scaler with a thread per core.
+        self._to_yuv = VideoReformatter()
 
     def deliver(self, outcome: EngineOutcome) -> None:
         """Make `outcome` the next frame to send (an unsent older one is superseded). Event-loop only."""
@@ -97,7 +106,8 @@ class EditedVideoTrack(MediaStreamTrack):
         outcome = self._latest
         if outcome is None or self.readyState != "live":
             raise MediaStreamError
-        frame = av.VideoFrame.from_ndarray(outcome.frame, format="rgb24")
+        rgb = av.VideoFrame.from_ndarray(outcome.frame, format="rgb24")
+        frame = self._to_yuv.reformat(rgb, format="yuv420p", threads=1)
         pts, time_base = outcome.meta if outcome.meta is not None else (None, None)
         if pts is None:
             pts, time_base = int(time.monotonic() * 90000), fractions.Fraction(1, 90000)
