@@ -591,7 +591,12 @@ async function pollStats(run) {
     stats = server.value.stats;
     clearMessage('poll');
   } else if (server.reason?.status === 404) {
-    await stop({ reason: 'The server has ended this session. Press Start to begin a new one.' });
+    if (pc.connectionState !== 'connected') {
+      // The server reaps a session whose peer has not connected within its connect timeout (5 s by default).
+      await connectionFailed(run);
+    } else {
+      await stop({ reason: 'The server has ended this session. Press Start to begin a new one.' });
+    }
     return;
   } else {
     showMessage('warning', `Live stats unavailable (${describeFailure(server.reason)}).`, { key: 'poll' });

@@ -52,8 +52,9 @@ from engines.spec import EngineSpec, ModelInfo
 log = logging.getLogger(__name__)
 
 PING_INTERVAL_S = 0.25
-#: no Beat for this long: the engine is hung even though its socket is still open
-BEAT_TIMEOUT_S = 2.0
+#: no Beat for this long: the engine is hung even though its socket is still open (its exit is seen at once
+#: by the socket monitor; this is generous so that a loaded machine's slow batch is not taken for a hang)
+BEAT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
 #: a Hello the engine has not answered (it was still loading) is said again after this long
 HELLO_REPEAT_S = 1.0
@@ -261,6 +262,7 @@ class ProcessEngineClient(EngineClient):
         self._hello_sent_at = 0.0
         self._capacity = 0  # the engine's free slots at its last Beat, less what this worker took since
         self._streams: dict[str, _ShmStream] = {}
+        self._claims: set[str] = set()
         self._calls: dict[int, asyncio.Future[m.Reply]] = {}
         self._call_ids = itertools.count(1)
         self._route_handler: RouteHandler | None = None
@@ -354,7 +356,8 @@ class ProcessEngineClient(EngineClient):
 
     def _send_hello(self) -> None:
         self._hello_sent_at = time.monotonic()
-        self.send(m.Hello([(s.session_id, s.slot, s.params.model_dump()) for s in self._streams.values()]))
+        streams = [(s.session_id, s.slot, s.params.model_dump()) for s in self._streams.values()]
+        self.send(m.Hello(streams, sorted(self._claims)))
 
     def _lose_engine(self, why: str) -> None:
         if self.welcomed:
@@ -442,6 +445,10 @@ class ProcessEngineClient(EngineClient):
             raise EngineUnavailable(f"the engine did not answer in {CALL_TIMEOUT_S:g} s") from None
 
     # -- EngineClient ----------------------------------------------------------------------------------------
+    def claim(self, session_id: str) -> None:
+        self._claims.add(session_id)
+        self.send(m.Claim(session_id))  # lost if the engine is down; Hello repeats it
+
     async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:
         reply = await self._call(lambda call: m.Open(call, session_id, params.model_dump()))
         if reply.status != 200 or reply.body is None:
@@ -450,6 +457,7 @@ class ProcessEngineClient(EngineClient):
         # The engine wants its first frame at once (its Want may be read before this coroutine resumes).
         stream = _ShmStream(self, session_id, int(reply.body["slot"]), params, on_outcome, wanted=True)
         self._streams[session_id] = stream
+        self._claims.discard(session_id)
         self._capacity -= 1
         return stream
 
@@ -470,8 +478,10 @@ class ProcessEngineClient(EngineClient):
         if stream is not None:
             stream.closed = True
             stream.in_flight.clear()
-            self.send(m.Close(session_id))
             self._capacity += 1
+        if stream is not None or session_id in self._claims:
+            self._claims.discard(session_id)
+            self.send(m.Close(session_id))
 
     def health(self) -> EngineHealth:
         restarts = 0 if self.first_incarnation is None else self.incarnation - self.first_incarnation

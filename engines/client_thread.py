@@ -112,6 +112,9 @@ class InThreadEngineClient(EngineClient):
             raise EngineUnavailable(self.health().reason or "the engine is not running")
         return self.worker
 
+    def claim(self, session_id: str) -> None:
+        pass  # one media worker: nothing is routed
+
     async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:
         worker = self._ready_worker()
         if len(self._streams) + self._reserved >= self.slots:

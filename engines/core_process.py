@@ -38,8 +38,9 @@ STEP_EMA = 0.3
 #: how long past its expected arrival a frame the engine asked for may hold the next batch back, so that
 #: streams converted one after another still share a batch instead of the first one running alone
 GATHER_S = 0.004
-#: a media worker silent this long is gone: its streams are closed and their slots freed
-WORKER_TIMEOUT_S = 3.0
+#: a media worker silent this long is gone: its streams are closed and their slots freed (an exited worker is
+#: seen at once, when a send to it fails; this is for one whose event loop is stuck)
+WORKER_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -61,6 +62,7 @@ class EngineServer:
         self.error: str | None = None
         self.streams: dict[str, _Stream] = {}
         self.free = set(range(table.layout.slots))
+        self.claims: dict[str, bytes] = {}  # sessions still connecting → the worker holding them (no slot)
         self.workers: dict[bytes, float] = {}  # identity → last heard
         # our call id → (asking worker, its call id, the worker holding the session)
         self.routes: dict[int, tuple[bytes, int, bytes]] = {}
@@ -148,6 +150,9 @@ class EngineServer:
         for session_id, stream in list(self.streams.items()):
             if stream.owner == identity:
                 self.drop(session_id)
+        for session_id, owner in list(self.claims.items()):
+            if owner == identity:
+                del self.claims[session_id]
         for call, (asker, asker_call, holder) in list(self.routes.items()):
             if asker == identity:
                 del self.routes[call]
@@ -166,6 +171,8 @@ class EngineServer:
             pass
         elif isinstance(msg, m.Hello):
             self.hello(sender, msg)
+        elif isinstance(msg, m.Claim):
+            self.claims.setdefault(msg.session_id, sender)
         elif isinstance(msg, m.Open):
             self.open(sender, msg)
         elif isinstance(msg, m.Update):
@@ -182,6 +189,8 @@ class EngineServer:
     def hello(self, sender: bytes, msg: m.Hello) -> None:
         if self.core is None:
             return  # not ready: the worker says Hello again on our next Beat
+        for session_id in msg.claims:
+            self.claims.setdefault(session_id, sender)
         for session_id, slot, params in msg.streams:
             known = self.streams.get(session_id)
             if known is not None and known.owner == sender:
@@ -200,7 +209,7 @@ class EngineServer:
         if self.core is None:
             self.reply(sender, msg.call, 503, error=self.error or "the engine is still loading")
             return
-        if msg.session_id in self.streams:
+        if msg.session_id in self.streams or self.claims.get(msg.session_id, sender) != sender:
             self.reply(sender, msg.call, 409, error=f"session {msg.session_id!r} is open already")
             return
         if not self.free:
@@ -214,6 +223,7 @@ class EngineServer:
             self.free.add(slot)
             self.reply(sender, msg.call, 500, error=f"could not open the stream: {exc!r}")
             return
+        self.claims.pop(msg.session_id, None)
         self.reply(sender, msg.call, 200, {"slot": slot})
         self.send(sender, m.Want(msg.session_id))
 
@@ -239,6 +249,7 @@ class EngineServer:
 
     def drop(self, session_id: str) -> None:
         self.awaiting.pop(session_id, None)
+        self.claims.pop(session_id, None)
         stream = self.streams.pop(session_id, None)
         if stream is None:
             return
@@ -248,13 +259,14 @@ class EngineServer:
 
     def route(self, sender: bytes, msg: m.Route) -> None:
         stream = self.streams.get(msg.session_id)
-        if stream is None or stream.owner == sender:
+        owner = stream.owner if stream is not None else self.claims.get(msg.session_id)
+        if owner is None or owner == sender:
             self.reply(sender, msg.call, 404, error=f"no session {msg.session_id!r}")
             return
         call = next(self._call_ids)
-        self.routes[call] = (sender, msg.call, stream.owner)
-        if not self.send(stream.owner, m.Routed(call, msg.op, msg.session_id, msg.authorization, msg.body)):
-            self.forget_worker(stream.owner)
+        self.routes[call] = (sender, msg.call, owner)
+        if not self.send(owner, m.Routed(call, msg.op, msg.session_id, msg.authorization, msg.body)):
+            self.forget_worker(owner)
 
     def frame_ready(self, sender: bytes, msg: m.FrameReady) -> None:
         stream = self.streams.get(msg.session_id)

@@ -1,7 +1,7 @@
 """The control messages between media workers and the engine process (msgspec structs over ZeroMQ).
 
 Only small typed messages travel here; pixels go through the FrameTable. Media worker → engine: Hello,
-Ping, Open, Update, Close, FrameReady, Route, RouteReply. Engine → media worker: Beat, Welcome, Reply,
+Ping, Claim, Open, Update, Close, FrameReady, Route, RouteReply. Engine → media worker: Beat, Welcome, Reply,
 Want, Outcome, Routed, Lost.
 """
 
@@ -16,6 +16,14 @@ class Hello(msgspec.Struct, tag=True):
     """A media worker (re)joins an engine: the streams it holds, so a restarted engine takes them back."""
 
     streams: list[tuple[str, int, dict[str, Any]]]  # (session id, slot, params)
+    claims: list[str] = []  # sessions it holds that have no stream yet
+
+
+class Claim(msgspec.Struct, tag=True):
+    """A session this media worker holds before it has a stream (its peer is still connecting): the engine
+    routes calls for it here, but gives it no slot."""
+
+    session_id: str
 
 
 class Ping(msgspec.Struct, tag=True):
@@ -121,7 +129,7 @@ class Lost(msgspec.Struct, tag=True):
     session_id: str
 
 
-ToEngine = Hello | Ping | Open | Update | Close | FrameReady | Route | RouteReply
+ToEngine = Hello | Ping | Claim | Open | Update | Close | FrameReady | Route | RouteReply
 ToWorker = Beat | Welcome | Reply | Want | Outcome | Routed | Lost
 
 encoder = msgspec.msgpack.Encoder()

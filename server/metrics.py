@@ -52,6 +52,12 @@ class ServiceMetrics:
         # Session ids in labels would let anyone who can scrape find every session: opt-in, one worker only.
         self.per_session = per_session and not self.multiprocess
         r, each = self.registry, self.per_session
+        self.pending_sessions = Gauge(
+            "streamedit_pending_sessions",
+            "Answered offers whose peer has not connected yet (they hold no engine slot).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.active_sessions = Gauge(
             "streamedit_active_sessions", "Open sessions.", registry=r, multiprocess_mode="livesum"
         )

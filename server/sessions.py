@@ -66,6 +66,18 @@ class Session:
     def state(self) -> str:
         return "closed" if self.closed else self.pc.connectionState
 
+    async def activate(self, engine: EngineClient) -> None:
+        """The peer connected: take an engine slot (EngineFull, EngineUnavailable) with the params as they are."""
+        async with self._update_lock:
+            if self.stream is not None or self.closed:
+                return
+            self.last_camera_at = time.monotonic()  # camera silence counts from the connection
+            stream = await engine.open_stream(self.id, self.params, self.deliver)
+            if self.closed:  # closed while the engine opened it
+                await engine.close_stream(self.id)
+                return
+            self.stream = stream
+
     def start_reading(self, track: MediaStreamTrack, size: int) -> None:
         self._reader = asyncio.ensure_future(read_newest(track, self._offer, size, self._refused))
 
@@ -111,7 +123,8 @@ class Session:
         """Apply a partial update; the engine encodes a new prompt before both take effect together."""
         async with self._update_lock:
             params = patch.apply(self.params)
-            await engine.update_stream(self.id, params)
+            if self.stream is not None:  # else the stream opens with them when the peer connects
+                await engine.update_stream(self.id, params)
             self.params = params
             return params
 
@@ -149,8 +162,36 @@ class SessionRegistry:
     def fps_by_session(self) -> list[tuple[str, float]]:
         return [(s.id, s.stats.edited_fps()) for s in self._sessions.values()]
 
+    def pending(self) -> int:
+        """Sessions answered whose peer has not connected yet (no engine slot)."""
+        return sum(s.stream is None for s in self._sessions.values())
+
+    def _count(self) -> None:
+        pending = self.pending()
+        self.metrics.pending_sessions.set(pending)
+        self.metrics.active_sessions.set(len(self._sessions) - pending)
+
     async def create(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
-        """Negotiate a new session from a complete (non-trickle) offer; returns it with its answer."""
+        """Negotiate a new session from a complete (non-trickle) offer; returns it with its answer.
+
+        Admission: the engine must have a free slot now, but a slot is taken only when the peer connects
+        (activate), so answered offers whose peer never connects can't lock anyone out; they are capped
+        apart (--max-pending) and reaped after --connect-timeout-s.
+        """
+        health = self.engine.health()
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        if not health.ready:
+            raise Unavailable(health.reason or "the engine is not ready", headers=retry)
+        if health.capacity_left <= 0:
+            self.metrics.rejected.inc()
+            raise Unavailable(f"server full: {self.settings.max_sessions} sessions are open", headers=retry)
+        pending = self.pending()
+        if pending >= self.settings.max_pending:
+            self.metrics.rejected.inc()
+            raise Unavailable(
+                f"{pending} answered offers are waiting for their peers to connect: retry shortly",
+                headers={"Retry-After": "1"},
+            )
         if self._negotiating >= self.settings.max_negotiations:
             raise Unavailable(
                 f"{self._negotiating} offers are being negotiated already: retry shortly",
@@ -167,25 +208,28 @@ class SessionRegistry:
         pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
         session = Session(self, pc, session_id, params)
         try:
-            # The engine admits (counting every media worker's sessions) and encodes the prompt first.
-            session.stream = await self.engine.open_stream(session_id, params, session.deliver)
-        except EngineFull as exc:
-            await pc.close()
-            self.metrics.rejected.inc()
-            raise Unavailable(str(exc), headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
-        except EngineError as exc:
-            await pc.close()
-            raise Unavailable(str(exc), headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
-        try:
             answer = await self._negotiate(session, sdp)
         except BaseException:
             await session.close()
-            await self.engine.close_stream(session_id)
             raise
         self._sessions[session.id] = session
-        self.metrics.active_sessions.set(len(self._sessions))
-        log.info("session %s opened (%d open here)", session.id, len(self._sessions))
+        self.engine.claim(session.id)  # calls for it that reach another media worker are routed here
+        self._count()
+        log.info("session %s answered (%d here)", session.id, len(self._sessions))
         return session, answer
+
+    async def activate(self, session: Session) -> None:
+        """Its peer connected: give it an engine slot, or close it if the engine has none left after all."""
+        try:
+            await session.activate(self.engine)
+        except EngineError as exc:
+            if isinstance(exc, EngineFull):
+                self.metrics.rejected.inc()
+            log.warning("session %s connected but gets no engine stream (%s): closing it", session.id, exc)
+            await self.close(session.id)
+            return
+        self._count()
+        log.info("session %s connected (%d open here)", session.id, len(self._sessions))
 
     async def _negotiate(self, session: Session, sdp: str) -> RTCSessionDescription:
         pc = session.pc
@@ -198,7 +242,9 @@ class SessionRegistry:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected":
+                await self.activate(session)
+            elif pc.connectionState in ("failed", "closed"):
                 await self.close(session.id)
 
         try:
@@ -269,10 +315,10 @@ class SessionRegistry:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return False
-        await self.engine.close_stream(session_id)
+        await self.engine.close_stream(session_id)  # its stream, or its claim
         await session.close()
         self.metrics.forget_session(session_id)
-        self.metrics.active_sessions.set(len(self._sessions))
+        self._count()
         log.info("session %s closed (%d open here)", session_id, len(self._sessions))
         return True
 

@@ -77,13 +77,38 @@ class Settings(BaseSettings):
         pattern=r"^\d{1,5}-\d{1,5}$",
         description="Bind WebRTC media (ICE) to this UDP port range, e.g. 40000-40100; default any port.",
     )
-    connect_timeout_s: float = Field(15.0, gt=0, description="Reap a session whose peer never connects by then.")
+    connect_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Reap a session whose peer has not connected by then (ICE takes well under a second on a "
+        "LAN, a few over TURN); until it connects, a session holds no engine slot.",
+    )
+    max_pending: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Answered offers whose peers have not connected yet, per media worker; more get 503 "
+        "(Retry-After 1). Apart from --max-sessions, so that offers nobody completes can't lock out those who do.",
+    )
     camera_timeout_s: float = Field(
-        10.0, gt=0, description="Reap a connected session whose camera has sent no frame for this long."
+        5.0,
+        gt=0,
+        description="Reap a connected session whose camera has sent no frame for this long (a peer killed "
+        "outright leaves ICE connected for half a minute; its camera stops at once).",
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with a 503 when full.")
     max_negotiations: int = Field(
         8, ge=1, le=256, description="Offers negotiated at once by one media worker; more get 503 (Retry-After 1)."
+    )
+    offers_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="Per client address and media worker: new sessions a minute (429 + Retry-After beyond); "
+        "off by default. Behind a proxy on this host, the address is X-Forwarded-For's (uvicorn trusts 127.0.0.1; "
+        "the FORWARDED_ALLOW_IPS environment variable names other proxies).",
+    )
+    offer_burst: int = Field(
+        5, ge=1, le=1000, description="Offers a client may open at once under --offers-per-minute."
     )
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body accepted (413 beyond); an SDP offer is a few KiB."

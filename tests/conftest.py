@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from engines.client import EditorFactory
 from engines.editor import Editor
@@ -91,6 +92,14 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def unanswered_offer(frames: list) -> tuple[RTCPeerConnection, str]:
+    """A real offer whose client will never apply the answer: the server's peer never connects."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(ClipTrack(frames))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
 
 
 @contextlib.asynccontextmanager

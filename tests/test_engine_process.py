@@ -26,7 +26,7 @@ from engines.frame_table import FrameTable
 from loadtest.client import ClipTrack, EditSession, pin_loopback_candidates
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import free_port, running_server, wait_for
+from tests.conftest import free_port, running_server, unanswered_offer, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,9 +156,21 @@ async def test_a_session_opened_through_one_media_worker_is_patched_and_deleted_
             patched = await http.patch(via_b, json={"prompt": "make it a pencil sketch"}, headers=session.auth)
             assert patched.status_code == 200, patched.text
             assert (await session.info())["edit"]["prompt"] == "make it a pencil sketch"
-            # Admission counts both workers' sessions: 1 on A + 2 on B fill 3 slots.
+            # A session whose peer is still connecting holds no slot, yet calls for it are routed too.
+            ghost, sdp = await unanswered_offer(clip_frames)
+            pending = await http.post(f"{url_a}/v1/sessions", json={"sdp": sdp})
+            await ghost.close()
+            assert pending.status_code == 201, pending.text
+            token = {"Authorization": f"Bearer {pending.json()['token']}"}
+            routed = await http.get(f"{url_b}/v1/sessions/{pending.json()['session_id']}", headers=token)
+            assert routed.status_code == 200 and routed.json()["stats"]["state"] in ("new", "connecting")
+            # Admission counts both workers' connected sessions: 1 on A + 2 on B fill 3 slots.
             others = [EditSession(url_b, ClipTrack(clip_frames), http) for _ in range(3)]
-            statuses = [(await o.open()).status_code for o in others]
+            statuses = []
+            for other in others:
+                statuses.append((await other.open()).status_code)
+                if statuses[-1] == 201:
+                    await wait_for(lambda o=other: len(o.received) >= 1, 30, "the session to connect")
             assert statuses == [201, 201, 503], statuses
             assert (await http.get(f"{url_a}/readyz")).status_code == 503
             for other in others[:2]:

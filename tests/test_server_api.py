@@ -11,7 +11,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from loadtest.client import ClipTrack, EditSession
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import running_server, wait_for
+from tests.conftest import running_server, unanswered_offer, wait_for
 from tests.engine_doubles import GatedUntilFile
 
 
@@ -92,7 +92,8 @@ async def test_tokens_protect_each_session(clip_frames) -> None:
 
 async def test_session_limit_answers_503_with_retry_after(clip_frames) -> None:
     async with running_server(max_sessions=1, retry_after_s=3) as srv:
-        await srv.open_session(clip_frames)
+        first = await srv.open_session(clip_frames)
+        await wait_for(lambda: len(first.received) >= 1, 20, "the first session to connect and stream")
         assert (await srv.http.get(f"{srv.url}/readyz")).status_code == 503
         extra = EditSession(srv.url, ClipTrack(clip_frames), srv.http)
         response = await extra.open()
@@ -103,13 +104,42 @@ async def test_session_limit_answers_503_with_retry_after(clip_frames) -> None:
         assert "streamedit_sessions_rejected_total 1.0" in metrics
 
 
+async def test_offers_that_never_connect_cannot_lock_out_a_real_session(clip_frames) -> None:
+    # Before: 4 unanswered offers held all 4 slots of a default server for 15 s.
+    async with running_server(max_sessions=1, max_pending=3, connect_timeout_s=3.0) as srv:
+        ghosts = [await unanswered_offer(clip_frames) for _ in range(4)]
+        statuses = []
+        for _, sdp in ghosts:
+            statuses.append(await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": sdp}))
+        assert [r.status_code for r in statuses] == [201, 201, 201, 503]
+        assert "waiting for their peers" in statuses[3].json()["detail"]
+        assert statuses[3].headers["Retry-After"] == "1"
+        assert (await srv.http.get(f"{srv.url}/readyz")).json()["capacity_left"] == 1, "pending offers hold no slot"
+        assert "streamedit_pending_sessions 3.0" in (await srv.http.get(f"{srv.url}/metrics")).text
+        await wait_for(lambda: srv.registry.pending() == 0, 8, "the unanswered offers to be reaped")
+        real = await srv.open_session(clip_frames)
+        await wait_for(lambda: len(real.received) >= 3, 20, "the real session to stream")
+        for pc, _ in ghosts:
+            await pc.close()
+
+
+async def test_a_burst_of_garbage_offers_is_refused_as_bad_not_as_full(clip_frames) -> None:
+    # Before: 196 of 200 garbage offers were told "server full" while no session was open.
+    async with running_server(max_sessions=1) as srv:
+        replies = await asyncio.gather(
+            *(srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": f"v=0 garbage {i}"}) for i in range(60))
+        )
+        assert all(r.status_code in (400, 503) for r in replies), {r.status_code for r in replies}
+        assert not any("full" in r.json()["detail"] for r in replies)
+        assert sum(r.status_code == 400 for r in replies) >= 8
+        session = await srv.open_session(clip_frames)
+        await wait_for(lambda: len(session.received) >= 1, 20, "a session right after the burst")
+
+
 async def test_sessions_that_never_connect_or_whose_peer_leaves_are_reaped(clip_frames) -> None:
     async with running_server(connect_timeout_s=2.0) as srv:
-        # An offer whose answer is never applied: the server's peer never connects.
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTrack(ClipTrack(clip_frames))
-        await pc.setLocalDescription(await pc.createOffer())
-        response = await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": pc.localDescription.sdp})
+        pc, sdp = await unanswered_offer(clip_frames)
+        response = await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": sdp})
         assert response.status_code == 201
         ghost = response.json()["session_id"]
         # A session whose client closes its peer connection without DELETE.
