@@ -14,7 +14,8 @@ DEFAULT_PROMPT = "make it a pencil sketch"
 class EditParams(BaseModel):
     """What one session asks of the editor; every field can change live between frames."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON false is not 0.0, "7" is not 7 (the schema says number, integer, boolean); ints still pass as floats.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(
         DEFAULT_PROMPT,
@@ -86,7 +87,7 @@ def _all_optional(model: type[BaseModel], name: str) -> type[BaseModel]:
         optional = copy.copy(info)
         optional.default = None
         fields[field_name] = (info.annotation | None, optional)
-    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), **fields)
 
 
 _EditParamsPatchBase = _all_optional(EditParams, "_EditParamsPatchBase")

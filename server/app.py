@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match, Route
 
 from engines.client import EditorFactory, EngineClient, open_engine_client
 from server.errors import ServiceError, describe_invalid, safe_text
 from server.ice import parse_port_range, pin_host_addresses, restrict_udp_ports
 from server.limits import BodyLimit
 from server.metrics import ServiceMetrics
+from server.rate import OfferRateLimit
 from server.routes import router
 from server.sessions import SessionRegistry
 from server.settings import Settings
@@ -50,6 +53,16 @@ async def refresh_metrics_forever(
         await asyncio.sleep(interval_s)
 
 
+def methods_at(routes: Iterable[BaseRoute], request: Request) -> set[str]:
+    """Every method the API serves at the request's path, whichever of its routes serves it."""
+    return {
+        method
+        for route in routes
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+        for method in route.methods or ()
+    }
+
+
 def create_app(
     settings: Settings | None = None,
     editor_factory: EditorFactory | None = None,
@@ -76,6 +89,9 @@ def create_app(
         client.serve_routed(registry.answer)
         state = app.state
         state.settings, state.metrics, state.registry, state.engine = settings, metrics, registry, client
+        state.offer_limit = (
+            OfferRateLimit(settings.offers_per_minute, settings.offer_burst) if settings.offers_per_minute else None
+        )
         await client.start()
         tasks = {
             "reaper": asyncio.create_task(_supervised("reaper", registry.reap_forever)),
@@ -109,6 +125,22 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": describe_invalid(exc.errors())}, status_code=422)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers a JSON body that is not UTF-8 with a bare 400 ("error parsing the body"), though it
+            # answers malformed JSON with 422 json_invalid. JSON text is UTF-8 (RFC 8259): answer both alike,
+            # with the 422 every body route documents.
+            invalid = [{"loc": ["body"], "msg": "JSON decode error: the body is not UTF-8", "type": "json_invalid"}]
+            return JSONResponse({"detail": invalid}, status_code=422)
+        if exc.status_code == 405:
+            # RFC 9110: a 405 lists every method of the resource. Starlette's names only the first route's on the
+            # path ("Allow: GET" for /v1/sessions/{id}, which has PATCH and DELETE too); the page's files, none.
+            # No API route at the path: one of the page's files, or /docs or /openapi.json; all GET and HEAD.
+            allowed = methods_at(router.routes, request) or {"GET", "HEAD"}
+            exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))})
+        return await http_exception_handler(request, exc)
+
     @app.middleware("http")
     async def name_the_worker(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
@@ -118,5 +150,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(router)
     if settings.static_dir.is_dir():
-        app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="client_web")
+        # The page's files, tried only for requests no API route matches, not even by path alone (a mount at "/"
+        # took those too: OPTIONS /v1/sessions got StaticFiles' 405 "Allow: GET, HEAD", GET /v1/sessions a 404).
+        app.frontend("/", directory=settings.static_dir, fallback=None)
     return app

@@ -69,6 +69,10 @@ class TooLarge(ServiceError):
     status = 413
 
 
+class TooManyRequests(ServiceError):
+    status = 429
+
+
 class Unavailable(ServiceError):
     """Full, or the engine is not ready yet: come back after Retry-After seconds."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -12,8 +13,9 @@ from pydantic import BaseModel, Field
 
 from engines.client import EngineClient, RoutedCall, RoutedReply
 from engines.params import EditParams, EditParamsPatch
-from server.errors import ErrorBody
+from server.errors import ErrorBody, TooManyRequests
 from server.metrics import ServiceMetrics
+from server.rate import OfferRateLimit
 from server.sessions import SessionRegistry
 
 router = APIRouter()
@@ -25,6 +27,7 @@ _MEANINGS = {
     404: "No such session.",
     413: "Request body over the limit (--max-body-bytes).",
     422: "Invalid parameters: one {loc, msg, type} per field; the input is never echoed.",
+    429: "Too many new sessions from this client address (--offers-per-minute): retry after Retry-After seconds.",
     503: "Full, or the engine is loading or restarting: retry after Retry-After seconds.",
 }
 
@@ -32,6 +35,21 @@ _MEANINGS = {
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route answers, each with the one error body."""
     return {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in (*codes, 413, 422)}
+
+
+def session_links(session_id: str, authorization: str) -> dict[str, Any]:
+    """OpenAPI links from a response to the GET, PATCH and DELETE of the same session, given the runtime
+    expressions of its id and of its 'Authorization' header. They tell clients (and schemathesis' stateful
+    run) where a session's id and token go; "Bearer {$response.body#/token}" is an OpenAPI embedded
+    expression: the literal text with the expression's value in place of the braces."""
+    links: dict[str, Any] = {}
+    for name, method in (("ReadSession", "get"), ("EditSession", "patch"), ("CloseSession", "delete")):
+        links[name] = {
+            # operationRef (path and method), not operationId: FastAPI derives the ids from function names.
+            "operationRef": f"#/paths/~1v1~1sessions~1{{session_id}}/{method}",
+            "parameters": {"path.session_id": session_id, "header.authorization": authorization},
+        }
+    return links
 
 
 class OfferRequest(BaseModel):
@@ -114,10 +132,27 @@ async def presets(request: Request) -> dict[str, object]:
 
 
 @router.post(
-    "/v1/sessions", status_code=201, response_model=AnswerResponse, tags=["sessions"], responses=errors(400, 503)
+    "/v1/sessions",
+    status_code=201,
+    response_model=AnswerResponse,
+    tags=["sessions"],
+    responses={
+        201: {
+            "description": "The session is open: its id, its token, and the SDP answer.",
+            "links": session_links("$response.body#/session_id", "Bearer {$response.body#/token}"),
+        },
+        **errors(400, 429, 503),
+    },
 )
 async def create_session(request: Request, offer: OfferRequest) -> AnswerResponse:
     """Open a session from a complete SDP offer; the answer carries the edited video track."""
+    limit: OfferRateLimit | None = request.app.state.offer_limit
+    if limit is not None:
+        wait = limit.take(request.client.host if request.client else "unknown")
+        if wait > 0:
+            raise TooManyRequests(
+                "too many new sessions from this address: retry later", headers={"Retry-After": str(math.ceil(wait))}
+            )
     params = engine_of(request).info.default_params
     if offer.edit is not None:  # the fields the client gave, over the model's defaults
         params = EditParams.model_validate({**params.model_dump(), **offer.edit.model_dump(exclude_unset=True)})

@@ -7,9 +7,11 @@ import json
 
 import httpx
 import numpy as np
+import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from loadtest.client import ClipTrack
+from server.rate import OfferRateLimit
 from tests.conftest import running_server
 
 
@@ -129,3 +131,22 @@ async def test_blank_and_control_character_prompts_get_422(clip_frames) -> None:
             response = await session.patch(prompt=prompt)
             assert response.status_code == 422, (prompt, response.text)
         assert (await session.info())["edit"]["prompt"] == session.edit["prompt"]
+
+
+def test_the_offer_rate_limit_refills_per_client() -> None:
+    limit = OfferRateLimit(per_minute=60, burst=2)  # a token a second
+    assert [limit.take("a", now=100.0) for _ in range(2)] == [0.0, 0.0]
+    assert limit.take("a", now=100.0) == pytest.approx(1.0)  # empty: one second to the next token
+    assert limit.take("b", now=100.0) == 0.0, "another client has its own bucket"
+    assert limit.take("a", now=100.5) == pytest.approx(0.5)
+    assert limit.take("a", now=101.0) == 0.0
+    assert limit.take("a", now=1000.0) == 0.0 and limit.take("a", now=1000.0) == 0.0, "refilled only to the burst"
+    assert limit.take("a", now=1000.0) > 0
+
+
+async def test_a_client_over_its_offer_rate_gets_429_with_retry_after() -> None:
+    async with running_server(offers_per_minute=6, offer_burst=2) as srv:
+        replies = [await srv.http.post(f"{srv.url}/v1/sessions", json={"sdp": "v=0 nonsense"}) for _ in range(3)]
+        assert [r.status_code for r in replies] == [400, 400, 429]
+        assert replies[2].headers["Retry-After"] == "10"
+        assert "too many new sessions" in replies[2].json()["detail"]
