@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", help="capacity mode: these session counts, in order (e.g. 8 16 32)")
     p.add_argument("--spawn-server", action="store_true", help="start `streamedit serve` on --url's port first")
     p.add_argument("--server-args", default="", help="extra flags for the spawned server")
+    p.add_argument(
+        "--receive-rule",
+        choices=["marker", "aiortc"],
+        default="marker",
+        help="complete each received frame at its RTP marker bit as browsers do (default), or by aiortc's own rule "
+        "at the next frame's first packet (a frame interval later)",
+    )
     p.add_argument("--out", type=Path, default=Path("loadtest/results/latest"))
     args = p.parse_args(argv)
     try:
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts=args.prompt or ["make it a pencil sketch"],
             patch_every_s=args.patch_every,
             processes=args.processes,
+            receive_rule=args.receive_rule,
         )
         config.check()
         if args.steps and (sorted(args.steps) != args.steps or args.steps[0] < 1):

@@ -61,6 +61,11 @@ def render_summary(report: dict[str, Any]) -> str:
         f"StreamEdit load test — {report.get('started', '')} — {report.get('machine', '')}",
         f"target {cfg['url']}  source {cfg['source']} {cfg['width']}x{cfg['height']} @ {cfg['fps']:g} FPS, "
         f"{cfg['duration_s']:g} s per step (first {cfg['warmup_s']:g} s not counted)",
+        "receive rule: "
+        + {
+            "marker": "marker (each edited frame completes at its RTP marker bit, as a browser receives)",
+            "aiortc": "aiortc (a frame completes at the next frame's first packet: one frame interval late)",
+        }.get(cfg.get("receive_rule", "aiortc"), str(cfg.get("receive_rule"))),
     ]
     lines += [_step_line(step) for step in _steps(report)]
     if report.get("mode") == "capacity":

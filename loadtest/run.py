@@ -36,10 +36,13 @@ class LoadConfig:
     patch_every_s: float = 0.0  # > 0: cycle through `prompts` (and `guidance`) by PATCH this often
     processes: int = 1
     connect_timeout_s: float = 20.0
+    receive_rule: str = "marker"  # how received frames complete: "marker" (as browsers) or "aiortc" (next frame)
 
     def check(self) -> None:
         if not self.url.startswith(LOOPBACK_PREFIXES):
             raise ValueError(f"load tests only target loopback addresses, not {self.url}")
+        if self.receive_rule not in ("marker", "aiortc"):
+            raise ValueError(f"receive rule is 'marker' or 'aiortc', not {self.receive_rule!r}")
         if self.sessions < 1 or self.duration_s <= self.warmup_s:
             raise ValueError("need at least one session and a duration longer than the warm-up")
 
@@ -83,7 +86,9 @@ async def run_session(
 ) -> SessionResult:
     """Open one session at its ramp slot, stream until the step ends, then measure and DELETE it."""
     await asyncio.sleep(max(0.0, start_at + index / config.ramp_per_s - time.monotonic()))
-    session = EditSession(config.url, ClipTrack(frames, config.fps), http, keep_images=0)
+    session = EditSession(
+        config.url, ClipTrack(frames, config.fps), http, keep_images=0, receive_rule=config.receive_rule
+    )
     opened = time.monotonic()
     end = start_at + config.duration_s
     result = SessionResult(index, connected=False)

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         pattern=r"^\d{1,5}-\d{1,5}$",
         description="Bind WebRTC media (ICE) to this UDP port range, e.g. 40000-40100; default any port.",
     )
+    receive_rule: Literal["marker", "aiortc"] = Field(
+        "marker",
+        description="When a camera frame is complete: 'marker', at its last packet (RTP marker bit, as browsers "
+        "do); 'aiortc', aiortc's own rule, at the next frame's first packet (a frame interval later).",
+    )
     connect_timeout_s: float = Field(
         5.0,
         gt=0,
