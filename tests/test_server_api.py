@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 
 import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from loadtest.client import ClipTrack, EditSession
-from server.app import create_app
+from server.app import _supervised, create_app
 from server.settings import Settings
 from tests.conftest import running_server, unanswered_offer, wait_for
 from tests.engine_doubles import GatedUntilFile
@@ -232,3 +233,32 @@ async def test_sessions_start_from_the_models_defaults_and_presets_say_them(clip
         assert session.edit["prompt"] == "make it sepia" and session.edit["seed"] == 4
         assert session.edit["text_guidance"] == defaults["text_guidance"]
         assert session.edit["image_guidance"] == defaults["image_guidance"]
+
+
+async def test_readyz_reports_a_dead_engine_thread_and_an_ended_background_task() -> None:
+    # Before: EngineWorker.exited was never read, and a reaper that ended left /readyz saying ready.
+    async with running_server(engine="thread") as srv:
+        assert (await srv.http.get(f"{srv.url}/readyz")).status_code == 200
+        srv.app.state.engine.worker.stop()
+        dead = await srv.http.get(f"{srv.url}/readyz")
+        assert dead.status_code == 503 and "engine thread exited" in dead.json()["reason"]
+    async with running_server() as srv:
+        reaper = srv.app.state.tasks["reaper"]
+        reaper.cancel()
+        await asyncio.gather(reaper, return_exceptions=True)
+        ended = await srv.http.get(f"{srv.url}/readyz")
+        assert ended.status_code == 503 and "reaper" in ended.json()["reason"]
+
+
+async def test_a_background_task_that_crashes_is_restarted_and_logged(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="server.app")
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+
+    await asyncio.wait_for(_supervised("flaky", flaky), 5)
+    assert len(runs) == 2, "restarted once after the crash, then ended normally"
+    assert "task flaky crashed: restarting it" in caplog.text and "task flaky exited" in caplog.text
