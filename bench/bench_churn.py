@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from benchlib import command_line, free_port, machine_info, machine_markdown, publish, table, wait_ready
+from benchlib import command_line, free_port, machine_info, machine_markdown, publish, served, table, wait_ready
 
 from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates
 
@@ -110,17 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --cycles ≥ --warmup-cycles + --every, and --every ≥ 1")
     machine, command = machine_info(), command_line()
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--media-workers", "1", *args.server_args.split()],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with served(port, args.server_args.split()):
         result = asyncio.run(churn(f"http://127.0.0.1:{port}", args))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     samples, idle = result["samples"], result["idle"]
     warm = next(s for s in samples if s["cycle"] >= args.warmup_cycles)
     last = samples[-1]

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
-from benchlib import command_line, free_port, machine_info, machine_markdown, publish, wait_ready
+from benchlib import command_line, free_port, machine_info, machine_markdown, publish, served, wait_ready
 
 from loadtest.client import pin_loopback_candidates
 
@@ -63,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     machine, command = machine_info(), command_line()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--media-workers", "1", *SERVER_FLAGS],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with served(port, SERVER_FLAGS):
         asyncio.run(ready(url))
         with tempfile.TemporaryDirectory() as tmp:
             offers = Path(tmp) / "offers.json"
@@ -87,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             run = subprocess.run(fuzz, env=env, cwd=tmp, capture_output=True, text=True)
             seconds = time.monotonic() - started
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     output = run.stdout + run.stderr
     summary = output[output.rfind("SUMMARY") :] if "SUMMARY" in output else output[-4000:]
     cases = re.search(r"(\d+) generated", output)

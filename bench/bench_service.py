@@ -27,7 +27,16 @@ import httpx
 import numpy as np
 import uvicorn
 from bench_worker import run_step, warm_every_batch_size
-from benchlib import command_line, free_port, machine_info, machine_markdown, publish, table, wait_ready
+from benchlib import (
+    command_line,
+    free_port,
+    machine_info,
+    machine_markdown,
+    publish,
+    table,
+    wait_ready,
+    window_figures,
+)
 
 from engines.loader import EngineSpec, load_editor, load_presets
 from engines.spec import DEFAULT_MAX_BATCH
@@ -106,10 +115,7 @@ async def service(engine: str, backend: str, sessions: int, frames: list[np.ndar
             await asyncio.sleep(args.duration)
             end = time.monotonic()
             after = step_totals((await http.get(f"{url}/metrics")).text)
-            for client in clients:
-                await client.calibrate()
-            fps = [c.distinct_frames(start, end) / (end - start) for c in clients]
-            latencies = [x * 1000 for c in clients for x in c.latencies(since=start)]
+            fps, latencies = await window_figures(clients, start, end)
             for client in clients:
                 await client.close()
     finally:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 from bench_churn import process_figures
-from benchlib import command_line, free_port, machine_info, machine_markdown, publish, table, wait_ready
+from benchlib import command_line, free_port, machine_info, machine_markdown, publish, served, table, wait_ready
 
 from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates
 
@@ -101,17 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--minutes must be at least 2: the first minute is compared with the last")
     machine, command = machine_info(), command_line()
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--media-workers", "1", *args.server_args.split()],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with served(port, args.server_args.split()) as server:
         result = asyncio.run(soak(f"http://127.0.0.1:{port}", server.pid, args))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     rows = result["minutes"]
     first, last = rows[0], rows[-1]
     p95_ratio = last["p95_ms"] / first["p95_ms"]

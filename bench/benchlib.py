@@ -10,11 +10,13 @@ import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from engines.text import PromptEncoder
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -32,6 +35,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(port: int, flags: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """`streamedit serve` (engine process + one media worker, plus `flags`) on 127.0.0.1:`port` until the block
+    ends, then stopped as an orchestrator stops it (SIGTERM)."""
+    command = [sys.executable, "-m", "server", "--port", str(port), "--media-workers", "1", *flags]
+    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
+async def window_figures(clients: Sequence[Any], start: float, end: float) -> tuple[list[float], list[float]]:
+    """Distinct FPS of each load-test client (loadtest.client.EditSession) in [start, end), and the
+    capture-to-receive milliseconds of all their distinct frames received since `start`."""
+    for client in clients:
+        await client.calibrate()
+    fps = [c.distinct_frames(start, end) / (end - start) for c in clients]
+    latencies = [x * 1000 for c in clients for x in c.latencies(since=start)]
+    return fps, latencies
 
 
 async def wait_ready(http: httpx.AsyncClient, url: str, timeout_s: float, what: str = "the server") -> None:
