@@ -56,6 +56,8 @@ PING_INTERVAL_S = 0.25
 #: by the socket monitor; this is generous so that a loaded machine's slow batch is not taken for a hang)
 BEAT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
+#: how long a call waits for the engine's Welcome when this worker is connected but not yet welcomed
+WELCOME_WAIT_S = 2.0
 #: a Hello the engine has not answered (it was still loading) is said again after this long
 HELLO_REPEAT_S = 1.0
 #: an engine that dies sooner than this after starting is restarted after a growing pause
@@ -254,6 +256,7 @@ class ProcessEngineClient(EngineClient):
         self.blank = np.zeros((address.layout.resolution,) * 2 + (3,), np.uint8)
         self.identity = f"media-{os.getpid()}-{id(self):x}".encode()
         self.welcomed = False  # the engine took this worker's streams: frames go to it
+        self._welcome = asyncio.Event()  # set while welcomed
         self.connected = False
         self.incarnation = 0
         self.first_incarnation: int | None = None
@@ -364,6 +367,7 @@ class ProcessEngineClient(EngineClient):
             self.on_engine_lost(why)
             log.error("engine lost (%s): %d streams pass through until it is back", why, len(self._streams))
         self.welcomed = False
+        self._welcome.clear()
         self.last_beat = None
         for stream in self._streams.values():
             stream.engine_lost()
@@ -402,11 +406,13 @@ class ProcessEngineClient(EngineClient):
             stale = not self.welcomed or msg.incarnation != self.incarnation
             if msg.ready and stale and time.monotonic() - self._hello_sent_at > HELLO_REPEAT_S:
                 self.welcomed = False
+                self._welcome.clear()
                 self._send_hello()
         elif isinstance(msg, m.Welcome):
             if not self.welcomed:
                 log.info("engine %d took back %d streams", msg.incarnation, len(self._streams))
             self.welcomed, self.incarnation = True, msg.incarnation
+            self._welcome.set()
             if self.first_incarnation is None:
                 self.first_incarnation = msg.incarnation
         elif isinstance(msg, m.Routed):
@@ -430,6 +436,11 @@ class ProcessEngineClient(EngineClient):
         self.send(m.RouteReply(msg.call, reply.status, reply.body))
 
     async def _call(self, make: Callable[[int], msgspec.Struct]) -> m.Reply:
+        if not self.welcomed and self.connected:
+            # A media worker that has just started, or whose engine just came back, is welcomed within
+            # milliseconds: a call that arrives first waits for it rather than failing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._welcome.wait(), WELCOME_WAIT_S)
         if not self.welcomed:
             raise EngineUnavailable(self.health().reason or "the engine is not ready")
         call = next(self._call_ids)
