@@ -83,11 +83,17 @@ class ClipTrack(VideoStreamTrack):
         self.fps = fps
         self.captured_at: dict[int, float] = {}  # pts → time.monotonic() when the frame was produced
         self.sent_pts: list[int] = []  # in increasing order
+        # pts → time.monotonic() when the sender came back for the next frame: this one was encoded and sent
+        self.encoded_at: dict[int, float] = {}
+        self._handed: int | None = None
         self.first_pts: int | None = None
         self._index = 0
         self._start: float | None = None
 
     async def recv(self) -> av.VideoFrame:
+        if self._handed is not None:
+            self.encoded_at[self._handed] = time.monotonic()
+            self._handed = None
         if self.readyState != "live":
             raise MediaStreamError
         if self._start is None:
@@ -102,6 +108,7 @@ class ClipTrack(VideoStreamTrack):
         if self.first_pts is None:
             self.first_pts = pts
         self._index += 1
+        self._handed = pts
         return frame
 
 

@@ -55,6 +55,21 @@ def _step_line(step: dict[str, Any]) -> str:
     )
 
 
+def _stage_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """One step's stage table: where a frame's capture-to-receive time went (loadtest.run.stage_table)."""
+
+    def ms(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    if not stages:
+        return []
+    width = max(len(r["stage"]) for r in stages)
+    lines = [f"      {'stage':<{width}}  {'mean':>6}  {'p50':>6}  {'p95':>6}  (ms)"]
+    for r in stages:
+        lines.append(f"      {r['stage']:<{width}}  {ms(r['mean_ms']):>6}  {ms(r['p50_ms']):>6}  {ms(r['p95_ms']):>6}")
+    return lines
+
+
 def render_summary(report: dict[str, Any]) -> str:
     cfg = report["config"] if report.get("mode") != "capacity" else report["steps"][0]["config"]
     lines = [
@@ -67,7 +82,9 @@ def render_summary(report: dict[str, Any]) -> str:
             "aiortc": "aiortc (a frame completes at the next frame's first packet: one frame interval late)",
         }.get(cfg.get("receive_rule", "aiortc"), str(cfg.get("receive_rule"))),
     ]
-    lines += [_step_line(step) for step in _steps(report)]
+    for step in _steps(report):
+        lines.append(_step_line(step))
+        lines += _stage_lines(step.get("stages", []))
     if report.get("mode") == "capacity":
         lines.append(
             f"CAPACITY: {report['capacity']} sessions held ≥ {report['target_fps']:g} FPS each "

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 
 from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates, synthetic_clip
-from loadtest.scrape import scrape_metrics, server_delta
+from loadtest.scrape import SERVER_STAGES, scrape_metrics, server_delta
 
 LOOPBACK_PREFIXES = ("http://127.", "http://localhost", "http://[::1]")
 
@@ -58,6 +58,8 @@ class SessionResult:
     freezes: int = 0
     fps_timeline: list[float] = field(default_factory=list)  # distinct frames in each 1 s after the start
     patch_to_visible_s: list[float] = field(default_factory=list)
+    encode_ms: list[float] = field(default_factory=list)  # this client's capture to encoded and sent, per frame
+    server_stages_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # the session's, at the end
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else None
@@ -128,6 +130,13 @@ async def run_session(
         window = end - measure_from
         result.distinct_fps = session.distinct_frames(measure_from, end) / window if window > 0 else 0.0
         result.latencies_ms = [x * 1000 for x in session.latencies(since=measure_from)]
+        source = session.source
+        result.encode_ms = [
+            (source.encoded_at[pts] - at) * 1000
+            for pts, at in source.captured_at.items()
+            if at >= measure_from and pts in source.encoded_at
+        ]
+        result.server_stages_ms = (await session.info())["stats"].get("stages_ms", {})
         arrivals = sorted({r.pts: r.at for r in session.received if r.at >= measure_from}.values())
         gaps = np.diff(arrivals) if len(arrivals) > 1 else np.array([])
         result.freezes = int(np.sum(gaps > 2.0 / config.fps))
@@ -210,11 +219,50 @@ def step_report(config: LoadConfig, sessions: list[SessionResult], server: dict[
         "latency_ms_p50": round(float(np.percentile(all_lat, 50)), 1) if all_lat else None,
         "latency_ms_p95": round(float(np.percentile(all_lat, 95)), 1) if all_lat else None,
         "freezes": sum(s.freezes for s in connected),
+        "stages": stage_table(connected, server, all_lat),
         "per_session": [s.summary() for s in sessions],
         "fps_timelines": [s.fps_timeline for s in sessions],
         "latencies_ms": [s.latencies_ms for s in sessions],
         "server": server,
     }
+
+
+def stage_table(sessions: list[SessionResult], server: dict[str, Any], e2e_ms: list[float]) -> list[dict[str, Any]]:
+    """Where an edited frame's capture-to-receive time went, stage by stage: this client's encode and send, the
+    server's stages (means from its /metrics over the step; p50 and p95 over each session's recent frames,
+    the median over sessions), and the rest: network, jitter buffers and decoding on both hops, which no clock
+    here sees apart (the mean end to end less every mean above). Means add up; percentiles do not."""
+    if not e2e_ms:
+        return []
+
+    def row(stage: str, mean: float | None, p50: float | None, p95: float | None) -> dict[str, Any]:
+        return {"stage": stage, "mean_ms": mean, "p50_ms": p50, "p95_ms": p95}
+
+    def pct(values: list[float], q: float) -> float | None:
+        return round(float(np.percentile(values, q)), 1) if values else None
+
+    encode = [x for s in sessions for x in s.encode_ms]
+    encode_mean = round(float(np.mean(encode)), 1) if encode else None
+    rows = [row("client: encode and send", encode_mean, pct(encode, 50), pct(encode, 95))]
+    means = server.get("stage_ms_mean", {})
+    for stage in SERVER_STAGES:
+        of_sessions = [s.server_stages_ms.get(stage, {}) for s in sessions]
+        p50s = [x["p50"] for x in of_sessions if x.get("p50") is not None]
+        p95s = [x["p95"] for x in of_sessions if x.get("p95") is not None]
+        rows.append(
+            row(
+                f"server: {stage}",
+                means.get(stage),
+                round(float(np.median(p50s)), 1) if p50s else None,
+                round(float(np.median(p95s)), 1) if p95s else None,
+            )
+        )
+    known = [r["mean_ms"] for r in rows]
+    total = float(np.mean(e2e_ms))
+    rest = round(total - sum(known), 1) if all(m is not None for m in known) else None
+    rows.append(row("network, jitter buffers, decoding (both hops)", rest, None, None))
+    rows.append(row("end to end (capture to receive)", round(total, 1), pct(e2e_ms, 50), pct(e2e_ms, 95)))
+    return rows
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:

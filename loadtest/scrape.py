@@ -8,10 +8,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[str, float]
+#: the media worker's stages of an edited frame (server/stats.py), in order
+SERVER_STAGES = ("queue", "engine", "pacing", "encode")
 
 
 def scrape_metrics(url: str) -> Samples:
-    """Totals of every counter/histogram sample at /metrics, summed over labels ({} if unreachable)."""
+    """Totals of every counter/histogram sample at /metrics, summed over labels but `le` and `stage` ({} if
+    unreachable)."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -20,8 +23,9 @@ def scrape_metrics(url: str) -> Samples:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             key = sample.name
-            if "le" in sample.labels:
-                key += f"{{le={sample.labels['le']}}}"
+            for label in ("stage", "le"):
+                if label in sample.labels:
+                    key += f"{{{label}={sample.labels[label]}}}"
             totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
@@ -34,6 +38,11 @@ def server_delta(before: Samples, after: Samples) -> dict[str, Any]:
 
     if not after:
         return {"available": False}
+    stage_means = {}
+    for stage in SERVER_STAGES:
+        count = delta(f"streamedit_frame_stage_seconds_count{{stage={stage}}}")
+        if count:
+            stage_means[stage] = round(1000 * delta(f"streamedit_frame_stage_seconds_sum{{stage={stage}}}") / count, 2)
     batches = delta("streamedit_engine_batch_seconds_count")
     rows = delta("streamedit_batch_size_sum")
     return {
@@ -49,4 +58,5 @@ def server_delta(before: Samples, after: Samples) -> dict[str, Any]:
         "frames_skipped": int(delta("streamedit_frames_skipped_total")),
         "frames_failed": int(delta("streamedit_frames_failed_total")),
         "sessions_rejected": int(delta("streamedit_sessions_rejected_total")),
+        "stage_ms_mean": stage_means,
     }

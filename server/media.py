@@ -7,6 +7,7 @@ import fractions
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -49,7 +50,19 @@ def fit_frame(frame: av.VideoFrame, size: int, scaler: VideoReformatter | None =
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
 
-FrameSink = Callable[[Callable[[], np.ndarray], float, object], None]
+@dataclass
+class FrameClock:
+    """A camera frame's pts and when (time.monotonic()) it ended each stage in this media worker."""
+
+    pts: int | None
+    time_base: fractions.Fraction | None
+    decoded_at: float  # aiortc handed it over, decoded
+    taken_at: float | None = None  # the engine took it: converted for the editor when the engine asked
+    edited_at: float | None = None  # the engine's outcome came back
+    sent_at: float | None = None  # the sender took the edited frame to encode it
+
+
+FrameSink = Callable[[Callable[[], np.ndarray], float, FrameClock], None]
 
 
 async def read_newest(
@@ -75,7 +88,13 @@ async def read_newest(
         if why is not None:
             refuse(why)
             continue
-        offer(lambda frame=frame: fit_frame(frame, size, scaler), time.monotonic(), (frame.pts, frame.time_base))
+        clock = FrameClock(frame.pts, frame.time_base, time.monotonic())
+
+        def pixels(frame: av.VideoFrame = frame, clock: FrameClock = clock) -> np.ndarray:
+            clock.taken_at = time.monotonic()
+            return fit_frame(frame, size, scaler)
+
+        offer(pixels, clock.decoded_at, clock)
 
 
 class EditedVideoTrack(MediaStreamTrack):
@@ -83,12 +102,18 @@ class EditedVideoTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, on_sent: Callable[[float, int], None]) -> None:
+    def __init__(
+        self,
+        on_sent: Callable[[float, int, FrameClock | None], None],
+        on_encoded: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
         super().__init__()
         self._latest: EngineOutcome | None = None
         self._new = asyncio.Event()
         self._last_pts: int | None = None
         self._on_sent = on_sent
+        self._on_encoded = on_encoded
+        self._handed: FrameClock | None = None  # the frame the sender is encoding and sending
         # Frames go out in the encoder's own yuv420p, converted by one single-threaded scaler: left in rgb24,
         # aiortc's encoder would convert each through a new scaler with a thread per core.
         self._to_yuv = VideoReformatter()
@@ -99,6 +124,10 @@ class EditedVideoTrack(MediaStreamTrack):
         self._new.set()
 
     async def recv(self) -> av.VideoFrame:
+        if self._handed is not None:  # the sender asks again once it has encoded and sent the previous frame
+            assert self._handed.sent_at is not None
+            self._on_encoded(time.monotonic() - self._handed.sent_at)
+            self._handed = None
         if self.readyState != "live":
             raise MediaStreamError
         await self._new.wait()
@@ -108,7 +137,8 @@ class EditedVideoTrack(MediaStreamTrack):
             raise MediaStreamError
         rgb = av.VideoFrame.from_ndarray(outcome.frame, format="rgb24")
         frame = self._to_yuv.reformat(rgb, format="yuv420p", threads=1)
-        pts, time_base = outcome.meta if outcome.meta is not None else (None, None)
+        clock = outcome.meta if isinstance(outcome.meta, FrameClock) else None
+        pts, time_base = (clock.pts, clock.time_base) if clock is not None else (None, None)
         if pts is None:
             pts, time_base = int(time.monotonic() * 90000), fractions.Fraction(1, 90000)
         # The encoder needs increasing timestamps; a reordered or repeated camera pts is nudged forward.
@@ -116,7 +146,11 @@ class EditedVideoTrack(MediaStreamTrack):
             pts = self._last_pts + 1
         self._last_pts = pts
         frame.pts, frame.time_base = pts, time_base
-        self._on_sent(time.monotonic() - outcome.received_at, pts)
+        now = time.monotonic()
+        if clock is not None:
+            clock.sent_at = now
+            self._handed = clock
+        self._on_sent(now - outcome.received_at, pts, clock)
         return frame
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from engines.client import BatchReport, EngineHealth
 
 LATENCY_BUCKETS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 ENGINE_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
@@ -97,6 +98,15 @@ class ServiceMetrics:
             "streamedit_capture_to_send_seconds",
             "Camera frame arrival to edited frame send.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "streamedit_frame_stage_seconds",
+            "Each edited frame's time in a stage of the media worker: queue (decoded by aiortc to taken by the "
+            "engine), engine (taken to edited frame back), pacing (back to taken by the sender), encode (taken by "
+            "the sender to its next ask: VP8 encoding and sending).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(

@@ -37,7 +37,7 @@ from server.errors import (
 )
 from server.ice import keep_reachable_candidates, rtc_configuration
 from server.jitter import complete_frames_at_marker
-from server.media import EditedVideoTrack, read_newest
+from server.media import EditedVideoTrack, FrameClock, read_newest
 from server.metrics import ServiceMetrics
 from server.settings import Settings
 from server.stats import SessionStats
@@ -61,7 +61,7 @@ class Session:
         self._registry = registry
         self._update_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
-        self.output = EditedVideoTrack(on_sent=self._sent)
+        self.output = EditedVideoTrack(on_sent=self._sent, on_encoded=self._encoded)
 
     @property
     def state(self) -> str:
@@ -114,11 +114,26 @@ class Session:
             metrics.edited.inc(self.id)
             if outcome.skipped:
                 metrics.skipped.inc(self.id)
+            if isinstance(outcome.meta, FrameClock):
+                outcome.meta.edited_at = time.monotonic()
         self.output.deliver(outcome)
 
-    def _sent(self, latency_s: float, pts: int) -> None:
+    def _sent(self, latency_s: float, pts: int, clock: FrameClock | None) -> None:
         self.stats.frame_sent(latency_s, pts)
         self._registry.metrics.latency.observe(latency_s)
+        if clock is not None and clock.taken_at is not None and clock.edited_at is not None:
+            assert clock.sent_at is not None
+            for stage, seconds in (
+                ("queue", clock.taken_at - clock.decoded_at),
+                ("engine", clock.edited_at - clock.taken_at),
+                ("pacing", clock.sent_at - clock.edited_at),
+            ):
+                self.stats.stage_done(stage, seconds)
+                self._registry.metrics.stage.labels(stage).observe(seconds)
+
+    def _encoded(self, seconds: float) -> None:
+        self.stats.stage_done("encode", seconds)
+        self._registry.metrics.stage.labels("encode").observe(seconds)
 
     async def update(self, patch: EditParamsPatch, engine: EngineClient) -> EditParams:
         """Apply a partial update; the engine encodes a new prompt before both take effect together."""

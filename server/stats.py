@@ -9,6 +9,8 @@ import numpy as np
 
 FPS_WINDOW_S = 2.0
 LATENCY_SAMPLES = 300
+#: an edited frame's stages in the media worker, in order (see server/media.py's FrameClock)
+STAGES = ("queue", "engine", "pacing", "encode")
 
 
 class SessionStats:
@@ -29,6 +31,7 @@ class SessionStats:
         self.first_sent_pts: int | None = None
         self._edited_at: deque[float] = deque()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._stages: dict[str, deque[float]] = {s: deque(maxlen=LATENCY_SAMPLES) for s in STAGES}
 
     def frame_received(self, replaced_pending: bool) -> None:
         self.frames_in += 1
@@ -54,6 +57,19 @@ class SessionStats:
         if self.first_sent_pts is None:
             self.first_sent_pts = pts
 
+    def stage_done(self, stage: str, seconds: float) -> None:
+        self._stages[stage].append(seconds)
+
+    def stages_ms(self) -> dict[str, dict[str, float | None]]:
+        """p50 and p95 (ms) of each stage over the recent frames."""
+        out: dict[str, dict[str, float | None]] = {}
+        for stage, samples in self._stages.items():
+            values = np.fromiter(samples, float) * 1000.0 if samples else None
+            out[stage] = {
+                f"p{q}": None if values is None else round(float(np.percentile(values, q)), 2) for q in (50, 95)
+            }
+        return out
+
     def _trim(self, now: float) -> None:
         while self._edited_at and self._edited_at[0] < now - FPS_WINDOW_S:
             self._edited_at.popleft()
@@ -69,7 +85,7 @@ class SessionStats:
             return None
         return float(np.percentile(np.fromiter(self._latencies, float), q) * 1000.0)
 
-    def snapshot(self) -> dict[str, float | int | None]:
+    def snapshot(self) -> dict[str, object]:
         return {
             "frames_in": self.frames_in,
             "frames_edited": self.frames_edited,
@@ -83,4 +99,5 @@ class SessionStats:
             "latency_ms_p95": self.latency_ms(95),
             "last_batch_size": self.last_batch_size,
             "first_sent_pts": self.first_sent_pts,
+            "stages_ms": self.stages_ms(),
         }

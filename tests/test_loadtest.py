@@ -39,6 +39,33 @@ def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
     assert summary in capsys.readouterr().out
 
 
+def test_the_stage_table_adds_up_to_the_end_to_end_latency(tmp_path) -> None:
+    """The client's sender, the server's media worker (its /metrics) and the client's receiver time a frame apart;
+    their stages must account for the capture-to-receive time the client measures on its own. What no clock
+    sees apart (two loopback hops of network, jitter buffer and decoding) is the remainder, and it must be
+    neither negative (beyond 10 ms: the server's means include the warm-up's frames) nor half of the total."""
+    out = tmp_path / "report"
+    port = free_port()
+    code = main(
+        [
+            "--spawn-server", "--url", f"http://127.0.0.1:{port}", "--server-args", "--backend torch",
+            "--sessions", "1", "--duration", "10", "--warmup", "3", "--source", str(media_clip("asl_book.mkv")),
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    stages = {row["stage"]: row for row in report["stages"]}
+    measured = ["client: encode and send"] + [f"server: {s}" for s in ("queue", "engine", "pacing", "encode")]
+    for name in measured:
+        assert stages[name]["mean_ms"] > 0 and stages[name]["p50_ms"] is not None, (name, report["stages"])
+    total = stages["end to end (capture to receive)"]["mean_ms"]
+    rest = stages["network, jitter buffers, decoding (both hops)"]["mean_ms"]
+    assert -10.0 <= rest <= 0.5 * total, report["stages"]
+    summary = (out / "summary.txt").read_text()
+    assert "server: engine" in summary and "receive rule: marker" in summary
+
+
 def test_load_tests_refuse_non_loopback_targets(capsys) -> None:
     assert main(["--url", "http://example.invalid:8000", "--duration", "10"]) == 2
     assert "loopback" in capsys.readouterr().err
