@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from loadtest.run import LoadConfig, run_step, write_report
+from server.jitter import RECEIVE_RULE_MEANINGS, RECEIVE_RULES
 
 
 def machine() -> str:
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="", help="extra flags for the spawned server")
     p.add_argument(
         "--receive-rule",
-        choices=["marker", "aiortc"],
+        choices=RECEIVE_RULES,
         default="marker",
-        help="complete each received frame at its RTP marker bit as browsers do (default), or by aiortc's own rule "
-        "at the next frame's first packet (a frame interval later)",
+        help="when a received frame is complete: "
+        + "; ".join(f"'{rule}', {meaning}" for rule, meaning in RECEIVE_RULE_MEANINGS.items()),
     )
     p.add_argument("--out", type=Path, default=Path("loadtest/results/latest"))
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 from av.video.reformatter import VideoReformatter
 
-from server.jitter import complete_frames_at_marker
+from server.jitter import apply_receive_rule
 
 VIDEO_CLOCK = 90000
 
@@ -126,9 +126,7 @@ class EditSession:
     source: ClipTrack
     http: httpx.AsyncClient
     keep_images: int = 1
-    #: "marker": complete each received frame at its RTP marker bit, as browsers do; "aiortc": aiortc's own rule,
-    #: at the next frame's first packet, a frame interval later
-    receive_rule: str = "marker"
+    receive_rule: str = "marker"  # one of server.jitter.RECEIVE_RULES
     session_id: str = ""
     token: str = ""
     edit: dict[str, Any] = field(default_factory=dict)
@@ -145,10 +143,7 @@ class EditSession:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pc = pc
         pc.addTrack(self.source)
-        if self.receive_rule == "marker":
-            complete_frames_at_marker(pc)
-        elif self.receive_rule != "aiortc":
-            raise ValueError(f"receive_rule is 'marker' or 'aiortc', not {self.receive_rule!r}")
+        apply_receive_rule(pc, self.receive_rule)
         got_track = asyncio.get_running_loop().create_future()
 
         @pc.on("track")

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from server.jitter import RECEIVE_RULE_MEANINGS
+
 
 def _steps(report: dict[str, Any]) -> list[dict[str, Any]]:
     return report["steps"] if report.get("mode") == "capacity" else [report]
@@ -72,15 +74,12 @@ def _stage_lines(stages: list[dict[str, Any]]) -> list[str]:
 
 def render_summary(report: dict[str, Any]) -> str:
     cfg = report["config"] if report.get("mode") != "capacity" else report["steps"][0]["config"]
+    rule = cfg.get("receive_rule", "aiortc")  # reports from before the rule existed ran aiortc's
     lines = [
         f"StreamEdit load test — {report.get('started', '')} — {report.get('machine', '')}",
         f"target {cfg['url']}  source {cfg['source']} {cfg['width']}x{cfg['height']} @ {cfg['fps']:g} FPS, "
         f"{cfg['duration_s']:g} s per step (first {cfg['warmup_s']:g} s not counted)",
-        "receive rule: "
-        + {
-            "marker": "marker (each edited frame completes at its RTP marker bit, as a browser receives)",
-            "aiortc": "aiortc (a frame completes at the next frame's first packet: one frame interval late)",
-        }.get(cfg.get("receive_rule", "aiortc"), str(cfg.get("receive_rule"))),
+        f"receive rule: {rule} ({RECEIVE_RULE_MEANINGS.get(rule, '?')})",
     ]
     for step in _steps(report):
         lines.append(_step_line(step))

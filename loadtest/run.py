@@ -14,6 +14,7 @@ import numpy as np
 
 from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates, synthetic_clip
 from loadtest.scrape import SERVER_STAGES, scrape_metrics, server_delta
+from server.jitter import RECEIVE_RULES
 
 LOOPBACK_PREFIXES = ("http://127.", "http://localhost", "http://[::1]")
 
@@ -36,13 +37,13 @@ class LoadConfig:
     patch_every_s: float = 0.0  # > 0: cycle through `prompts` (and `guidance`) by PATCH this often
     processes: int = 1
     connect_timeout_s: float = 20.0
-    receive_rule: str = "marker"  # how received frames complete: "marker" (as browsers) or "aiortc" (next frame)
+    receive_rule: str = "marker"  # when a received frame is complete: one of server.jitter.RECEIVE_RULES
 
     def check(self) -> None:
         if not self.url.startswith(LOOPBACK_PREFIXES):
             raise ValueError(f"load tests only target loopback addresses, not {self.url}")
-        if self.receive_rule not in ("marker", "aiortc"):
-            raise ValueError(f"receive rule is 'marker' or 'aiortc', not {self.receive_rule!r}")
+        if self.receive_rule not in RECEIVE_RULES:
+            raise ValueError(f"the receive rule is one of {', '.join(RECEIVE_RULES)}, not {self.receive_rule!r}")
         if self.sessions < 1 or self.duration_s <= self.warmup_s:
             raise ValueError("need at least one session and a duration longer than the warm-up")
 

@@ -7,9 +7,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.stats import STAGES as SERVER_STAGES  # the media worker's stages of an edited frame, in order
+
 Samples = dict[str, float]
-#: the media worker's stages of an edited frame (server/stats.py), in order
-SERVER_STAGES = ("queue", "engine", "pacing", "encode")
 
 
 def scrape_metrics(url: str) -> Samples:

@@ -15,6 +15,8 @@ add() would return every complete frame; until then this is a subclass installed
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from aiortc import RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
@@ -23,6 +25,14 @@ from aiortc.rtp import RtpPacket
 RECEIVER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 #: as aiortc sizes a video receiver's buffer
 VIDEO_CAPACITY = 512
+
+#: when a received video frame is complete, as the server's and the load tester's --receive-rule name it
+ReceiveRule = Literal["marker", "aiortc"]
+RECEIVE_RULES: tuple[str, ...] = get_args(ReceiveRule)
+RECEIVE_RULE_MEANINGS = {
+    "marker": "each frame completes at its RTP marker bit, as a browser receives",
+    "aiortc": "aiortc's own rule: a frame completes at the next frame's first packet, one frame interval late",
+}
 
 
 class MarkerJitterBuffer(JitterBuffer):
@@ -67,3 +77,11 @@ def complete_frames_at_marker(pc: RTCPeerConnection) -> int:
         setattr(receiver, RECEIVER_BUFFER, MarkerJitterBuffer())
         replaced += 1
     return replaced
+
+
+def apply_receive_rule(pc: RTCPeerConnection, rule: str) -> None:
+    """Make `pc`'s video receivers complete frames by `rule` (one of RECEIVE_RULES; ValueError otherwise)."""
+    if rule not in RECEIVE_RULES:
+        raise ValueError(f"the receive rule is one of {', '.join(RECEIVE_RULES)}, not {rule!r}")
+    if rule == "marker":
+        complete_frames_at_marker(pc)

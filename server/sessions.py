@@ -36,7 +36,7 @@ from server.errors import (
     safe_text,
 )
 from server.ice import keep_reachable_candidates, rtc_configuration
-from server.jitter import complete_frames_at_marker
+from server.jitter import apply_receive_rule
 from server.media import EditedVideoTrack, FrameClock, read_newest
 from server.metrics import ServiceMetrics
 from server.settings import Settings
@@ -268,8 +268,7 @@ class SessionRegistry:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:
             raise BadOffer(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
-        if self.settings.receive_rule == "marker":
-            complete_frames_at_marker(pc)
+        apply_receive_rule(pc, self.settings.receive_rule)
         videos = sum(t.kind == "video" for t in pc.getTransceivers())
         if videos == 0:
             raise BadOffer("the offer has no video section: send the camera as a video track")

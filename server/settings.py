@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec
+from server.jitter import RECEIVE_RULE_MEANINGS, ReceiveRule
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
 
@@ -77,10 +78,11 @@ class Settings(BaseSettings):
         pattern=r"^\d{1,5}-\d{1,5}$",
         description="Bind WebRTC media (ICE) to this UDP port range, e.g. 40000-40100; default any port.",
     )
-    receive_rule: Literal["marker", "aiortc"] = Field(
+    receive_rule: ReceiveRule = Field(
         "marker",
-        description="When a camera frame is complete: 'marker', at its last packet (RTP marker bit, as browsers "
-        "do); 'aiortc', aiortc's own rule, at the next frame's first packet (a frame interval later).",
+        description="When a camera frame is complete: "
+        + "; ".join(f"'{rule}', {meaning}" for rule, meaning in RECEIVE_RULE_MEANINGS.items())
+        + ".",
     )
     connect_timeout_s: float = Field(
         5.0,
