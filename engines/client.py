@@ -140,9 +140,9 @@ class EngineClient(abc.ABC):
         """Begin loading the engine; returns at once (health() says when it is ready)."""
 
     @abc.abstractmethod
-    def claim(self, session_id: str) -> None:
+    async def claim(self, session_id: str) -> None:
         """Hold a session that has no stream yet (its peer is connecting): calls routed for it come here, and
-        it takes no slot. close_stream() ends the claim."""
+        it takes no slot. Returns once calls are routed so. close_stream() ends the claim."""
 
     @abc.abstractmethod
     async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:

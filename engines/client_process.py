@@ -456,9 +456,12 @@ class ProcessEngineClient(EngineClient):
             raise EngineUnavailable(f"the engine did not answer in {CALL_TIMEOUT_S:g} s") from None
 
     # -- EngineClient ----------------------------------------------------------------------------------------
-    def claim(self, session_id: str) -> None:
+    async def claim(self, session_id: str) -> None:
         self._claims.add(session_id)
-        self.send(m.Claim(session_id))  # lost if the engine is down; Hello repeats it
+        # Answered, so that a call for the session through another media worker, which may reach the engine
+        # before this worker's own messages do, finds it. An engine that is down gets it again with Hello.
+        with contextlib.suppress(EngineUnavailable):
+            await self._call(lambda call: m.Claim(call, session_id))
 
     async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:
         reply = await self._call(lambda call: m.Open(call, session_id, params.model_dump()))

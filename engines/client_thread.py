@@ -112,7 +112,7 @@ class InThreadEngineClient(EngineClient):
             raise EngineUnavailable(self.health().reason or "the engine is not running")
         return self.worker
 
-    def claim(self, session_id: str) -> None:
+    async def claim(self, session_id: str) -> None:
         pass  # one media worker: nothing is routed
 
     async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:

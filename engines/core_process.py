@@ -173,6 +173,7 @@ class EngineServer:
             self.hello(sender, msg)
         elif isinstance(msg, m.Claim):
             self.claims.setdefault(msg.session_id, sender)
+            self.reply(sender, msg.call, 200)
         elif isinstance(msg, m.Open):
             self.open(sender, msg)
         elif isinstance(msg, m.Update):

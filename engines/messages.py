@@ -23,6 +23,7 @@ class Claim(msgspec.Struct, tag=True):
     """A session this media worker holds before it has a stream (its peer is still connecting): the engine
     routes calls for it here, but gives it no slot."""
 
+    call: int
     session_id: str
 
 

@@ -229,7 +229,7 @@ class SessionRegistry:
             await session.close()
             raise
         self._sessions[session.id] = session
-        self.engine.claim(session.id)  # calls for it that reach another media worker are routed here
+        await self.engine.claim(session.id)  # calls for it that reach another media worker are routed here
         self._count()
         log.info("session %s answered (%d here)", session.id, len(self._sessions))
         return session, answer
