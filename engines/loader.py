@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 
@@ -33,11 +34,38 @@ def make_backend(model: EditorModel, spec: EngineSpec, resolution: int) -> Backe
         from engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if spec.device.startswith("cuda") else None
-        return OnnxRuntimeBackend(model, resolution, spec.cache_dir, threads=spec.threads, providers=providers)
+        precision = resolve_precision(model, spec, resolution)
+        log.info("engine: ONNX Runtime, %s graphs, %dpx", precision, resolution)
+        return OnnxRuntimeBackend(
+            model, resolution, spec.cache_dir, threads=spec.threads, providers=providers, precision=precision
+        )
     from engines.backends.torch_backend import TorchBackend
 
     # One graph per batch size the worker can form, so none is evicted and captured again mid-stream.
     return TorchBackend(model, device=spec.device, cuda_graph=spec.cuda_graph, max_graphs=spec.max_batch)
+
+
+def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> Literal["fp32", "int8"]:
+    """What `spec.precision` means for this model: 'auto' is int8 on ONNX Runtime's CPU provider with ranges made
+    for these weights at this size (where int8 was measured), else fp32; 'int8' without usable ranges is an error."""
+    if spec.precision == "fp32" or spec.backend != "onnxruntime":
+        return "fp32"
+    from engines.quantize import QuantizationUnavailable, usable_record
+
+    try:
+        record = usable_record(model)
+    except QuantizationUnavailable as exc:
+        if spec.precision == "int8":
+            raise
+        log.info("precision auto: fp32, as %s", exc)
+        return "fp32"
+    if spec.precision == "int8":
+        return "int8"
+    # int8's speed was measured on ONNX Runtime's CPU provider, its quality at the size it was calibrated at.
+    if spec.device != "cpu" or resolution != record.resolution:
+        log.info("precision auto: fp32 (int8 is measured on the CPU at %dpx only)", record.resolution)
+        return "fp32"
+    return "int8"
 
 
 def load_editor(spec: EngineSpec, prompt_encoder: PromptEncoder | None = None) -> Editor:

@@ -22,6 +22,8 @@ TAESD_FOLDER = "taesd"
 VAE_FOLDER = "vae"
 SCHEDULER_FOLDER = "scheduler"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+#: Derived from the weights and keyed by their fingerprint (engines/quantize.py), so left out of it.
+INT8_FOLDER = "int8"
 
 #: The model the service runs when no weights path is given; trained by training/make_default.py.
 
@@ -103,6 +105,7 @@ class EditorModel:
     schedule: NoiseSchedule
     prompt_encoder: PromptEncoder
     fingerprint: str
+    folder: Path | None = None  # where it was loaded from (int8 calibration ranges live there)
 
     @classmethod
     def from_pretrained(
@@ -157,6 +160,7 @@ class EditorModel:
             schedule=schedule,
             prompt_encoder=encoder,
             fingerprint=folder_fingerprint(folder, taesd),
+            folder=folder,
         )
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -184,7 +188,8 @@ def folder_fingerprint(folder: Path, taesd: str | Path | None = None) -> str:
     digest = hashlib.sha256()
     roots = [folder] + ([Path(taesd)] if taesd is not None else [])
     for root in roots:
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"}):
+        parts = (p for p in root.rglob("*") if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"})
+        for path in sorted(p for p in parts if p.relative_to(root).parts[0] != INT8_FOLDER):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]

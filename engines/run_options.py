@@ -9,3 +9,9 @@ def require_cuda_graph_on_torch_cuda(backend: str, device: str, cuda_graph: bool
         raise ValueError(
             f"cuda_graph needs the torch backend on a CUDA device (got backend {backend}, device {device})"
         )
+
+
+def require_int8_on_onnxruntime(backend: str, precision: str) -> None:
+    """int8 graphs are ONNX (QDQ) graphs that ONNX Runtime runs; no other backend takes them."""
+    if precision == "int8" and backend != "onnxruntime":
+        raise ValueError(f"precision int8 needs the onnxruntime backend (got backend {backend})")

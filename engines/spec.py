@@ -11,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import DEFAULT_MODEL_DIR, EditorConfig
 from engines.params import EditParams
-from engines.run_options import require_cuda_graph_on_torch_cuda
+from engines.run_options import require_cuda_graph_on_torch_cuda, require_int8_on_onnxruntime
 
 BackendName = Literal["torch", "onnxruntime", "tensorrt"]
+PrecisionName = Literal["auto", "fp32", "int8"]
 PRESETS_NAME = "presets.json"
 
 
@@ -37,10 +38,17 @@ class EngineSpec(BaseModel):
     )
     cache_dir: Path | None = Field(None, description="Exported graphs and engines (default ~/.cache/streamedit).")
     cuda_graph: bool = Field(False, description="Torch on CUDA: replay a captured CUDA graph per batch size.")
+    precision: PrecisionName = Field(
+        "auto",
+        description="'int8': ONNX Runtime runs int8 graphs built from the model's calibrated ranges (int8/); "
+        "'fp32': float graphs; 'auto': int8 where it was measured (ONNX Runtime on the CPU, ranges made for these "
+        "weights at this size), else fp32.",
+    )
 
     @model_validator(mode="after")
     def _cuda_graph_fits(self) -> EngineSpec:
         require_cuda_graph_on_torch_cuda(self.backend, self.device, self.cuda_graph)
+        require_int8_on_onnxruntime(self.backend, self.precision)
         return self
 
     def model_folder(self) -> Path:

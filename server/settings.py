@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec
+from engines.spec import PrecisionName
 from server.jitter import RECEIVE_RULE_MEANINGS, ReceiveRule
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
         "(default: half the cores, 1 to 8).",
     )
     backend: Literal["torch", "onnxruntime", "tensorrt"] = Field("onnxruntime", description="Engine backend.")
+    precision: PrecisionName = Field(
+        EngineSpec.model_fields["precision"].default, description=EngineSpec.model_fields["precision"].description
+    )
     device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
     cuda_graph: bool = Field(
         False,
@@ -146,6 +150,7 @@ class Settings(BaseSettings):
             max_batch=self.max_batch,
             cache_dir=self.cache_dir,
             cuda_graph=self.cuda_graph,
+            precision=self.precision,
         )
 
     def host_addresses(self) -> list[str] | None:

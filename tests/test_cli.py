@@ -14,7 +14,7 @@ def test_serve_help_lists_every_setting() -> None:
     result = run("-m", "streamedit.cli", "serve", "--help")
     assert result.returncode == 0
     for flag in ["--port", "--max-sessions", "--max-batch", "--backend", "--weights", "--ice-servers",
-                 "--ice-host-addresses", "--resolution", "--cuda-graph"]:  # fmt: skip
+                 "--ice-host-addresses", "--resolution", "--cuda-graph", "--precision"]:  # fmt: skip
         assert flag in result.stdout
 
 
@@ -33,6 +33,12 @@ def test_cuda_graph_is_refused_off_the_torch_backend_on_cuda() -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert "cuda_graph needs the torch backend on a CUDA device" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_int8_is_refused_off_onnxruntime() -> None:
+    result = run("-m", "server", "--precision", "int8", "--backend", "torch")
+    assert result.returncode == 2, result.stderr
+    assert "precision int8 needs the onnxruntime backend" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_command_is_an_error() -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.backends.base import Backend
 from engines.backends.torch_backend import TorchBackend
 from engines.editor import Editor, EditRequest, frames_to_tensor, tensor_to_frames
 from engines.model import EditorModel
@@ -101,9 +102,12 @@ class Method:
     run: Callable[[list[np.ndarray], str, float, float], list[np.ndarray]]
 
 
-def one_step_method(model: EditorModel, seed: int) -> Method:
-    """The service's own path: Editor.edit on the torch backend (fixed noise from the seed)."""
-    editor = Editor(TorchBackend(model), model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
+def one_step_method(
+    model: EditorModel, seed: int, backend: Backend | None = None, name: str = "one-step student"
+) -> Method:
+    """The service's own path: Editor.edit on `backend` (default: torch; fixed noise from the seed)."""
+    backend = backend or TorchBackend(model)
+    editor = Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
 
     def run(frames: list[np.ndarray], prompt: str, s_t: float, s_i: float) -> list[np.ndarray]:
         params = EditParams(prompt=prompt, text_guidance=s_t, image_guidance=s_i, seed=seed)
@@ -111,7 +115,7 @@ def one_step_method(model: EditorModel, seed: int) -> Method:
         requests = [EditRequest(f, context, params, StreamState(seed)) for f in frames]
         return [r.frame for r in editor.edit(requests)]
 
-    return Method("one-step student", 1 if model.config.distilled else 3, run)
+    return Method(name, 1 if model.config.distilled else 3, run)
 
 
 def sampler_method(model: EditorModel, name: str, steps: int, seed: int) -> Method:

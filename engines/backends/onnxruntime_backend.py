@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from engines.model import EditorModel
 
 
 class OnnxRuntimeBackend(Backend):
-    """Runs encoder.onnx, unet.onnx and decoder.onnx; exports them first when the cache has none."""
+    """Runs encoder.onnx, unet.onnx and decoder.onnx (fp32, or int8 from the model's ranges); builds them if needed."""
 
     name = "onnxruntime"
 
@@ -24,12 +25,20 @@ class OnnxRuntimeBackend(Backend):
         cache_dir: Path | None = None,
         threads: int | None = None,
         providers: list[str] | None = None,
+        precision: Literal["fp32", "int8"] = "fp32",
+        int8_ranges: Path | None = None,
     ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable("the onnxruntime backend needs the 'onnxruntime' package") from exc
-        graphs = export_onnx(model, resolution, cache_dir)
+        if precision == "int8":
+            from engines.quantize import int8_graphs
+
+            graphs = int8_graphs(model, resolution, cache_dir, int8_ranges)  # default: the model's own int8/
+        else:
+            graphs = export_onnx(model, resolution, cache_dir)
+        self.precision = precision
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
