@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from loadtest.client import SOURCE_ENCODINGS
 from loadtest.run import LoadConfig, run_step, write_report
 from server.jitter import RECEIVE_RULE_MEANINGS, RECEIVE_RULES
 
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         help="when a received frame is complete: "
         + "; ".join(f"'{rule}', {meaning}" for rule, meaning in RECEIVE_RULE_MEANINGS.items()),
     )
+    p.add_argument(
+        "--source-encoding",
+        choices=list(SOURCE_ENCODINGS),
+        default="pre-encoded",
+        help="how the clip becomes VP8: " + "; ".join(f"'{k}', {v}" for k, v in SOURCE_ENCODINGS.items()),
+    )
     p.add_argument("--out", type=Path, default=Path("loadtest/results/latest"))
     args = p.parse_args(argv)
     try:
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             patch_every_s=args.patch_every,
             processes=args.processes,
             receive_rule=args.receive_rule,
+            source_encoding=args.source_encoding,
         )
         config.check()
         if args.steps and (sorted(args.steps) != args.steps or args.steps[0] < 1):

@@ -25,7 +25,7 @@ import av
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.video.reformatter import VideoReformatter
 
 from server.jitter import apply_receive_rule
@@ -67,19 +67,24 @@ def synthetic_clip(width: int, height: int, frames: int = 60) -> list[np.ndarray
     return out
 
 
-class ClipTrack(VideoStreamTrack):
-    """A camera stand-in: plays frames in a loop at `fps`, remembering when each pts was captured."""
+#: How the load tester's camera stand-in produces VP8; every report names the one that ran.
+SOURCE_ENCODINGS: dict[str, str] = {
+    "pre-encoded": "the clip encoded to VP8 once and its packets replayed, as LiveKit's load tester publishes "
+    "pre-encoded samples: the client spends next to no CPU",
+    "live": "aiortc encodes every frame as it is sent, as a browser encodes its camera",
+}
+PRE_ENCODED_BITRATE = 500_000  # aiortc's own starting VP8 bitrate, so both sources send alike
+PRE_ENCODED_KEYFRAME_EVERY = 30  # frames: a replayed stream can't answer a keyframe request, so it has one a second
 
-    def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
+
+class PacedClip(MediaStreamTrack):
+    """A camera stand-in: plays a clip in a loop at `fps`, remembering when each pts was captured and sent."""
+
+    kind = "video"
+
+    def __init__(self, length: int, fps: float) -> None:
         super().__init__()
-        self.frames = frames
-        # Converted once to the encoder's yuv420p: an rgb24 frame would be converted on every send, each time
-        # through a new scaler with a thread per core, CPU that this machine's server needs.
-        to_yuv = VideoReformatter()
-        self._yuv = [
-            to_yuv.reformat(av.VideoFrame.from_ndarray(f, format="rgb24"), format="yuv420p", threads=1).to_ndarray()
-            for f in frames
-        ]
+        self.length = length
         self.fps = fps
         self.captured_at: dict[int, float] = {}  # pts → time.monotonic() when the frame was produced
         self.sent_pts: list[int] = []  # in increasing order
@@ -90,7 +95,11 @@ class ClipTrack(VideoStreamTrack):
         self._index = 0
         self._start: float | None = None
 
-    async def recv(self) -> av.VideoFrame:
+    def media(self, index: int, pts: int) -> av.VideoFrame | av.Packet:
+        """Frame `index` of the clip, stamped with `pts` (1/90000 s)."""
+        raise NotImplementedError
+
+    async def recv(self) -> av.VideoFrame | av.Packet:  # type: ignore[override]  # aiortc sends packets as they are
         if self._handed is not None:
             self.encoded_at[self._handed] = time.monotonic()
             self._handed = None
@@ -100,16 +109,87 @@ class ClipTrack(VideoStreamTrack):
             self._start = time.monotonic()
         due = self._start + self._index / self.fps
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        frame = av.VideoFrame.from_ndarray(self._yuv[self._index % len(self._yuv)], format="yuv420p")
         pts = round(self._index * VIDEO_CLOCK / self.fps)
-        frame.pts, frame.time_base = pts, fractions.Fraction(1, VIDEO_CLOCK)
+        item = self.media(self._index % self.length, pts)
         self.captured_at[pts] = time.monotonic()
         self.sent_pts.append(pts)
         if self.first_pts is None:
             self.first_pts = pts
         self._index += 1
         self._handed = pts
+        return item
+
+
+def to_yuv420p(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """RGB frames in the VP8 encoder's yuv420p, converted once with one single-threaded scaler."""
+    # An rgb24 frame would be converted on every send, each time through a new scaler with a thread per
+    # core: CPU that this machine's server needs.
+    to_yuv = VideoReformatter()
+    return [
+        to_yuv.reformat(av.VideoFrame.from_ndarray(f, format="rgb24"), format="yuv420p", threads=1).to_ndarray()
+        for f in frames
+    ]
+
+
+class ClipTrack(PacedClip):
+    """Raw frames, which aiortc's sender encodes live, one by one, as a browser encodes its camera."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
+        super().__init__(len(frames), fps)
+        self.frames = frames
+        self._yuv = to_yuv420p(frames)
+
+    def media(self, index: int, pts: int) -> av.VideoFrame:
+        frame = av.VideoFrame.from_ndarray(self._yuv[index], format="yuv420p")
+        frame.pts, frame.time_base = pts, fractions.Fraction(1, VIDEO_CLOCK)
         return frame
+
+
+def encode_vp8(frames: list[np.ndarray], fps: float, keyframe_every: int = PRE_ENCODED_KEYFRAME_EVERY) -> list[bytes]:
+    """One VP8 frame per RGB frame, real-time CBR at aiortc's bitrate, a keyframe first and every `keyframe_every`."""
+    height, width = frames[0].shape[:2]
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+    codec.bit_rate = PRE_ENCODED_BITRATE
+    codec.time_base = fractions.Fraction(1, round(fps))
+    codec.gop_size = keyframe_every
+    rate = str(PRE_ENCODED_BITRATE)
+    codec.options = {"deadline": "realtime", "cpu-used": "-6", "lag-in-frames": "0", "minrate": rate, "maxrate": rate}
+    codec.thread_count = 1
+    encoded: list[bytes] = []
+    for i, yuv in enumerate(to_yuv420p(frames)):
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame.pts = i
+        if i % keyframe_every == 0:  # the loop restarts on a keyframe, so a replay decodes seamlessly
+            frame.pict_type = av.video.frame.PictureType.I
+        encoded += [bytes(p) for p in codec.encode(frame)]
+    encoded += [bytes(p) for p in codec.encode(None)]
+    if len(encoded) != len(frames):
+        raise RuntimeError(f"libvpx gave {len(encoded)} packets for {len(frames)} frames")
+    return encoded
+
+
+class EncodedClipTrack(PacedClip):
+    """The clip's VP8 frames, encoded once up front and replayed: the sender only packetizes them."""
+
+    def __init__(self, encoded: list[bytes], fps: float = 30.0) -> None:
+        super().__init__(len(encoded), fps)
+        self.encoded = encoded
+
+    def media(self, index: int, pts: int) -> av.Packet:
+        packet = av.Packet(self.encoded[index])
+        packet.pts, packet.time_base = pts, fractions.Fraction(1, VIDEO_CLOCK)
+        return packet
+
+
+def clip_tracks(frames: list[np.ndarray], fps: float, encoding: str) -> Callable[[], PacedClip]:
+    """A maker of camera stand-ins for a source encoding (a key of SOURCE_ENCODINGS); the clip is encoded once."""
+    if encoding == "pre-encoded":
+        encoded = encode_vp8(frames, fps)
+        return lambda: EncodedClipTrack(encoded, fps)
+    if encoding == "live":
+        return lambda: ClipTrack(frames, fps)
+    raise ValueError(f"the source encoding is one of {', '.join(SOURCE_ENCODINGS)}, not {encoding!r}")
 
 
 @dataclass
@@ -123,7 +203,7 @@ class EditSession:
     """One session: the peer connection, the REST handle, and every edited frame received."""
 
     base_url: str
-    source: ClipTrack
+    source: PacedClip
     http: httpx.AsyncClient
     keep_images: int = 1
     receive_rule: str = "marker"  # one of server.jitter.RECEIVE_RULES

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.client import SOURCE_ENCODINGS
 from server.jitter import RECEIVE_RULE_MEANINGS
 
 
@@ -75,11 +76,13 @@ def _stage_lines(stages: list[dict[str, Any]]) -> list[str]:
 def render_summary(report: dict[str, Any]) -> str:
     cfg = report["config"] if report.get("mode") != "capacity" else report["steps"][0]["config"]
     rule = cfg.get("receive_rule", "aiortc")  # reports from before the rule existed ran aiortc's
+    encoding = cfg.get("source_encoding", "live")  # and those from before pre-encoding encoded live
     lines = [
         f"StreamEdit load test — {report.get('started', '')} — {report.get('machine', '')}",
         f"target {cfg['url']}  source {cfg['source']} {cfg['width']}x{cfg['height']} @ {cfg['fps']:g} FPS, "
         f"{cfg['duration_s']:g} s per step (first {cfg['warmup_s']:g} s not counted)",
         f"receive rule: {rule} ({RECEIVE_RULE_MEANINGS.get(rule, '?')})",
+        f"source encoding: {encoding} ({SOURCE_ENCODINGS.get(encoding, '?')})",
     ]
     for step in _steps(report):
         lines.append(_step_line(step))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtest.client import ClipTrack, EditSession, load_clip, pin_loopback_candidates, synthetic_clip
+from loadtest.client import (
+    SOURCE_ENCODINGS,
+    EditSession,
+    PacedClip,
+    clip_tracks,
+    load_clip,
+    pin_loopback_candidates,
+    synthetic_clip,
+)
 from loadtest.scrape import SERVER_STAGES, scrape_metrics, server_delta
 from server.jitter import RECEIVE_RULES
 
@@ -38,12 +47,17 @@ class LoadConfig:
     processes: int = 1
     connect_timeout_s: float = 20.0
     receive_rule: str = "marker"  # when a received frame is complete: one of server.jitter.RECEIVE_RULES
+    source_encoding: str = "pre-encoded"  # how the clip becomes VP8: one of loadtest.client.SOURCE_ENCODINGS
 
     def check(self) -> None:
         if not self.url.startswith(LOOPBACK_PREFIXES):
             raise ValueError(f"load tests only target loopback addresses, not {self.url}")
         if self.receive_rule not in RECEIVE_RULES:
             raise ValueError(f"the receive rule is one of {', '.join(RECEIVE_RULES)}, not {self.receive_rule!r}")
+        if self.source_encoding not in SOURCE_ENCODINGS:
+            raise ValueError(
+                f"the source encoding is one of {', '.join(SOURCE_ENCODINGS)}, not {self.source_encoding!r}"
+            )
         if self.sessions < 1 or self.duration_s <= self.warmup_s:
             raise ValueError("need at least one session and a duration longer than the warm-up")
 
@@ -85,13 +99,11 @@ def source_frames(config: LoadConfig) -> list[np.ndarray]:
 
 
 async def run_session(
-    index: int, config: LoadConfig, frames: list[np.ndarray], http: httpx.AsyncClient, start_at: float
+    index: int, config: LoadConfig, tracks: Callable[[], PacedClip], http: httpx.AsyncClient, start_at: float
 ) -> SessionResult:
     """Open one session at its ramp slot, stream until the step ends, then measure and DELETE it."""
     await asyncio.sleep(max(0.0, start_at + index / config.ramp_per_s - time.monotonic()))
-    session = EditSession(
-        config.url, ClipTrack(frames, config.fps), http, keep_images=0, receive_rule=config.receive_rule
-    )
+    session = EditSession(config.url, tracks(), http, keep_images=0, receive_rule=config.receive_rule)
     opened = time.monotonic()
     end = start_at + config.duration_s
     result = SessionResult(index, connected=False)
@@ -176,11 +188,11 @@ def patch_delays(session: EditSession, patched_at: list[float]) -> list[float]:
 
 async def run_sessions(config: LoadConfig, indices: list[int], start_at_wall: float) -> list[SessionResult]:
     pin_loopback_candidates()
-    frames = source_frames(config)
+    tracks = clip_tracks(source_frames(config), config.fps, config.source_encoding)
     start_at = time.monotonic() + (start_at_wall - time.time())
     limits = httpx.Limits(max_connections=max(10, 2 * len(indices)))
     async with httpx.AsyncClient(timeout=30, limits=limits) as http:
-        return list(await asyncio.gather(*(run_session(i, config, frames, http, start_at) for i in indices)))
+        return list(await asyncio.gather(*(run_session(i, config, tracks, http, start_at) for i in indices)))
 
 
 def _process_main(config: LoadConfig, indices: list[int], start_at_wall: float) -> list[dict[str, Any]]:

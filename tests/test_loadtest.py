@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import av
+import pytest
+
 from loadtest.cli import main
+from loadtest.client import PRE_ENCODED_KEYFRAME_EVERY, encode_vp8, load_clip
 from tests.conftest import free_port, media_clip
+from training.evaluate import psnr
 
 
 def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
@@ -17,7 +22,7 @@ def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
             "--sessions", "2", "--ramp", "4", "--duration", "9", "--warmup", "3",
             "--source", str(media_clip("asl_book.mkv")),
             "--prompt", "make it sepia", "--prompt", "make it a negative", "--patch-every", "2.5",
-            "--guidance", "1.0,1.0", "--guidance", "2.0,0.75",
+            "--guidance", "1.0,1.0", "--guidance", "2.0,0.75", "--source-encoding", "live",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -35,7 +40,7 @@ def test_short_load_test_writes_its_report(tmp_path, capsys) -> None:
     assert server["available"] and server["frames_edited"] > 20 and server["engine_ms_per_batch"] > 0
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     summary = (out / "summary.txt").read_text()
-    assert "2 sessions" in summary and "PATCH" in summary
+    assert "2 sessions" in summary and "PATCH" in summary and "source encoding: live" in summary
     assert summary in capsys.readouterr().out
 
 
@@ -64,6 +69,21 @@ def test_the_stage_table_adds_up_to_the_end_to_end_latency(tmp_path) -> None:
     assert -10.0 <= rest <= 0.5 * total, report["stages"]
     summary = (out / "summary.txt").read_text()
     assert "server: engine" in summary and "receive rule: marker" in summary
+    assert "source encoding: pre-encoded" in summary  # the default
+
+
+def test_the_pre_encoded_clip_replays_in_a_loop_as_the_clip() -> None:
+    """Its packets, decoded twice over as a receiver sees the loop, give the clip's frames back each time."""
+    frames = load_clip(media_clip("asl_book.mkv"), 256, 256, max_frames=45)
+    encoded = encode_vp8(frames, 30.0)
+    assert len(encoded) == len(frames)
+    decoder = av.CodecContext.create("vp8", "r")
+    decoded = [f.to_ndarray(format="rgb24") for data in encoded * 2 for f in decoder.decode(av.Packet(data))]
+    assert len(decoded) == 2 * len(frames)
+    scores = [psnr(d, frames[i % len(frames)]) for i, d in enumerate(decoded)]
+    assert min(scores) > 25, scores  # VP8 at 500 kbps and 256²: about 30-40 dB; a broken loop decodes garbage
+    keyframes = [i for i, data in enumerate(encoded) if not data[0] & 1]  # VP8 frame tag bit 0: 0 = key frame
+    assert keyframes == list(range(0, len(frames), PRE_ENCODED_KEYFRAME_EVERY))
 
 
 def test_load_tests_refuse_non_loopback_targets(capsys) -> None:
@@ -76,6 +96,9 @@ def test_bad_arguments_get_a_message_not_a_traceback(capsys) -> None:
     assert main(["--source", "/no/such/file.mp4", "--duration", "10"]) == 2
     assert main(["--duration", "3", "--warmup", "5"]) == 2
     assert main(["--guidance", "7", "--duration", "10"]) == 2
+    with pytest.raises(SystemExit) as exited:  # argparse's own message for a bad choice
+        main(["--source-encoding", "telepathy", "--duration", "10"])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "S_T,S_I" in err and "WxH" in err and "no such video file" in err and "longer than the warm-up" in err
