@@ -47,7 +47,11 @@ def serve(argv: list[str] | None = None) -> int:
         if settings.engine == "process"
         else "engine thread"
     )
-    print(f"StreamEdit on http://{settings.host}:{settings.port} (engine: {settings.backend}, {layout})", flush=True)
+    print(
+        f"StreamEdit on http://{settings.host}:{settings.port} "
+        f"(engine: {settings.backend}, precision {settings.precision}, {layout})",
+        flush=True,
+    )
     if settings.engine == "process":
         from server.supervisor import Supervisor
 
