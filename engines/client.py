@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.frame_table import FrameTableLayout
 from engines.params import EditParams
-from engines.spec import DEFAULT_MAX_BATCH, EngineSpec, ModelInfo
+from engines.spec import DEFAULT_MAX_BATCH, EngineSpec, ModelInfo, PrecisionName
 
 if TYPE_CHECKING:
     from engines.client_process import EngineLauncher
@@ -220,6 +220,7 @@ __all__ = [
     "EngineStream",
     "EngineUnavailable",
     "ModelInfo",
+    "PrecisionName",
     "RoutedCall",
     "RoutedReply",
     "StreamNotFound",

@@ -9,8 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec
-from engines.spec import PrecisionName
+from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec, PrecisionName
 from server.jitter import RECEIVE_RULE_MEANINGS, ReceiveRule
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
