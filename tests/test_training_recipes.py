@@ -40,6 +40,7 @@ from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
 from training.model_card import main as model_card
 from training.model_card import starts_from
+from training.paraphrases import load_unseen_phrasings
 from training.probe import main as probe
 from training.prompts import HashPromptEncoder
 from training.ship_default import ship
@@ -374,7 +375,9 @@ def test_evaluation_report_covers_every_edit_and_stage(stages: dict[str, Path], 
             "student": stages["adversarial_distill"],
             "guidance_student": stages["guidance_distill"],
             "teacher": stages["teacher"],
-            "data": tiny(tmp_path, 2)["data"],
+            # The stages trained on asl_eat.mkv alone: calling it unseen must be flagged, asl_bird.mkv's tail is seen.
+            "data": {**tiny(tmp_path, 2)["data"], "clips": ["asl_eat.mkv", "asl_bird.mkv"]},
+            "unseen_clips": ["asl_eat.mkv"],
             "prompts": PROMPTS,
             "edits": EDITS,
             "resolution": 64,
@@ -404,8 +407,25 @@ def test_evaluation_report_covers_every_edit_and_stage(stages: dict[str, Path], 
         assert len(results["sweep"]["strength_by_text_guidance"][name]) == 3
         with Image.open(report.parent / "grids" / f"{name}.png") as grid:
             assert grid.size == (4 * 32, config.grid_frames * 32)
+    assert results["splits"] == [
+        "unseen" if n == "chelsea" or n.startswith("asl_eat") else "seen" for n in results["frames"]
+    ]
+    assert set(results["splits"]) == {"unseen", "seen"}
+    assert results["trained_unseen_clips"]["teacher"] == ["asl_eat.mkv"]
+    unseen = load_unseen_phrasings()
+    for name, row in results["per_edit"].items():
+        for method in ("input", "autoencoder round trip", *results["methods"]):
+            assert set(row[method]["by_split"]) == {"unseen", "seen"} and row[method]["sharpness"] > 0
+        paraphrases = row["paraphrases"]
+        assert list(paraphrases["psnr"]) == list(unseen.by_edit[name])
+        assert paraphrases["worst"] <= paraphrases["mean"] <= paraphrases["best"]
+        assert paraphrases["spread"] == pytest.approx(paraphrases["best"] - paraphrases["worst"])
+    # The input's own round trip through a barely trained autoencoder: finite, below a perfect copy.
+    assert 0 < results["autoencoder_input"]["psnr"] < 100
     text = report.read_text()
-    assert "Acceptance checks" in text and "negative" in text
+    for section in ("Acceptance checks", "Two splits", "Paraphrase spread", "The ceiling", "Targets of a sharper"):
+        assert section in text
+    assert "Not unseen for the teacher" in text and "negative" in text
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "teacher", "guidance_distill", "adversarial_distill"])

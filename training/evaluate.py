@@ -28,11 +28,17 @@ from engines.text import CachedPromptEncoder
 from training.config import load_config
 from training.data import MEDIA_ATTRIBUTION, DataConfig, load_split, validation_frames
 from training.edits import Edit, get_edits
-from training.models import load_editor_model
+from training.models import load_editor_model, model_folder, ran_config
+from training.paraphrases import UNSEEN_PHRASINGS_FILE, load_unseen_phrasings
 from training.prompts import PromptSpec, build_prompt_table
 
 # Issue 4's bar for every edit: the one-step student this many dB PSNR closer to the target than the input.
 GAIN_BAR_DB = 3.0
+# Issue 15's targets for a sharper default (the report says PASS or FAIL for each).
+MEAN_PSNR_TARGET_DB = 24.0
+PARAPHRASE_SPREAD_BAR_DB = 2.0
+COLOUR_ONLY_EDITS = ("black_and_white", "sepia", "warm_sunset", "cold_winter")
+SPLITS = ("unseen", "seen")
 
 
 class EvaluateConfig(BaseModel):
@@ -47,6 +53,12 @@ class EvaluateConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig, description="Its validation split is evaluated.")
     prompts: PromptSpec = Field(default_factory=PromptSpec)
     edits: list[str] | None = Field(None, description="Edits to evaluate (None = all).")
+    unseen_clips: list[str] = Field(
+        default_factory=lambda: ["asl_help.mkv", "asl_hungry.mkv", "person_walk.mp4"],
+        description="Clips whose frames form the unseen split (with the held-out photos); everything else is a "
+        "seen clip's tail. A model to be scored on it holds these clips out of training entirely.",
+    )
+    unseen_phrasings: Path = Field(UNSEEN_PHRASINGS_FILE, description="The paraphrase spread's phrasings.")
     resolution: int = Field(256, ge=32, description="Frame side (the service's).")
     text_guidance: float = Field(1.0, ge=0, description="s_T of the quality tables (1 = the edit itself).")
     image_guidance: float = Field(1.0, ge=0, description="s_I of the quality tables.")
@@ -84,6 +96,59 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return float(s.mean())
+
+
+def sharpness(image: np.ndarray) -> float:
+    """Mean gradient magnitude of a uint8 image's luma (forward differences, 0..255 units)."""
+    y = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return float(np.mean(np.hypot(np.diff(y, axis=1)[:-1, :], np.diff(y, axis=0)[:, :-1])))
+
+
+def scores(outputs: list[np.ndarray], targets: list[np.ndarray], splits: list[str]) -> dict[str, object]:
+    """Mean PSNR, SSIM and sharpness ratio (output's over target's) of outputs against targets, overall and
+    per split (each frame's split named in `splits`)."""
+    psnrs = [psnr(o, t) for o, t in zip(outputs, targets, strict=True)]
+    ssims = [ssim(o, t) for o, t in zip(outputs, targets, strict=True)]
+    ratios = [sharpness(o) / max(sharpness(t), 1e-6) for o, t in zip(outputs, targets, strict=True)]
+    by_split = {
+        split: {
+            "psnr": float(np.mean([v for v, s in zip(psnrs, splits, strict=True) if s == split])),
+            "ssim": float(np.mean([v for v, s in zip(ssims, splits, strict=True) if s == split])),
+        }
+        for split in SPLITS
+        if split in splits
+    }
+    return {
+        "psnr": float(np.mean(psnrs)),
+        "ssim": float(np.mean(ssims)),
+        "sharpness": float(np.mean(ratios)),
+        "by_split": by_split,
+    }
+
+
+@torch.inference_mode()
+def autoencoder_round_trip(model: EditorModel, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """decode(encode(x)) through the model's own autoencoder: the best any UNet could do through it."""
+    return tensor_to_frames(model.codec.decode(model.codec.encode(frames_to_tensor(frames))))
+
+
+def split_of(name: str, config: EvaluateConfig) -> str:
+    """'unseen' for frames of the unseen clips and the held-out photos, else 'seen' (a seen clip's tail)."""
+    unseen = name.split("#")[0] in config.unseen_clips or name in config.data.val_photos
+    return "unseen" if unseen else "seen"
+
+
+def trained_unseen_clips(models: dict[str, Path | None], config: EvaluateConfig) -> dict[str, list[str]]:
+    """Per compared model whose stage config is known: the unseen split's clips its training still read."""
+    found: dict[str, list[str]] = {}
+    for name, path in models.items():
+        ran = ran_config(model_folder(path)) if path is not None else None
+        if ran is None or "data" not in ran:
+            continue
+        data = ran["data"]
+        trained = [c for c in data.get("clips", []) if c not in data.get("val_clips", [])]
+        found[name] = [c for c in config.unseen_clips if c in trained]
+    return found
 
 
 def apply_edit(edit: Edit, frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -212,27 +277,38 @@ def evaluate(config: EvaluateConfig) -> Path:
         models[name] = teacher
 
     s_t, s_i = config.text_guidance, config.image_guidance
+    splits = [split_of(n, config) for n, _ in names_frames]
+    unseen_phrasings = load_unseen_phrasings(config.unseen_phrasings)
+    missing = [e.name for e in edits if e.name not in unseen_phrasings.by_edit]
+    if missing:
+        raise ValueError(f"{config.unseen_phrasings} has no unseen phrasings for {missing}")
     per_edit: dict[str, dict[str, object]] = {}
     for edit, prompt in zip(edits, held_out, strict=True):
         targets = apply_edit(edit, frames)
         row: dict[str, object] = {
             "prompt": prompt,
-            "input": {
-                "psnr": float(np.mean([psnr(f, t) for f, t in zip(frames, targets, strict=True)])),
-                "ssim": float(np.mean([ssim(f, t) for f, t in zip(frames, targets, strict=True)])),
-            },
+            "input": scores(frames, targets, splits),
+            "autoencoder round trip": scores(autoencoder_round_trip(student_model, targets), targets, splits),
         }
         outputs: dict[str, list[np.ndarray]] = {}
         for method in methods:
             outputs[method.name] = method.run(frames, prompt, s_t, s_i)
-            row[method.name] = {
-                "psnr": float(np.mean([psnr(o, t) for o, t in zip(outputs[method.name], targets, strict=True)])),
-                "ssim": float(np.mean([ssim(o, t) for o, t in zip(outputs[method.name], targets, strict=True)])),
-            }
+            row[method.name] = scores(outputs[method.name], targets, splits)
         trained = methods[0].run(frames, edit.phrasings[0], s_t, s_i)
         row["one-step student, training phrasing"] = {
             "prompt": edit.phrasings[0],
             "psnr": float(np.mean([psnr(o, t) for o, t in zip(trained, targets, strict=True)])),
+        }
+        by_phrasing = {
+            p: float(np.mean([psnr(o, t) for o, t in zip(methods[0].run(frames, p, s_t, s_i), targets, strict=True)]))
+            for p in unseen_phrasings.by_edit[edit.name]
+        }
+        row["paraphrases"] = {
+            "psnr": by_phrasing,
+            "mean": float(np.mean(list(by_phrasing.values()))),
+            "worst": min(by_phrasing.values()),
+            "best": max(by_phrasing.values()),
+            "spread": max(by_phrasing.values()) - min(by_phrasing.values()),
         }
         grid_rows = []
         for k in range(min(config.grid_frames, len(frames))):
@@ -240,8 +316,8 @@ def evaluate(config: EvaluateConfig) -> Path:
             grid_rows.append([frames[k], targets[k], teacher_out, outputs[methods[0].name][k]])
         _grid(grid_rows, config.grid_tile).save(out / "grids" / f"{edit.name}.png", optimize=True)
         per_edit[edit.name] = row
-        scores = ", ".join(f"{m.name} {row[m.name]['psnr']:.2f}" for m in methods)  # type: ignore[index]
-        print(f"[evaluate] {edit.name}: input {row['input']['psnr']:.2f} dB, {scores}", flush=True)  # type: ignore[index]
+        summary = ", ".join(f"{m.name} {row[m.name]['psnr']:.2f}" for m in methods)  # type: ignore[index]
+        print(f"[evaluate] {edit.name}: input {row['input']['psnr']:.2f} dB, {summary}", flush=True)  # type: ignore[index]
 
     sweep = guidance_sweep(methods[0], edits, held_out, frames, config)
     timings = {}
@@ -265,6 +341,16 @@ def evaluate(config: EvaluateConfig) -> Path:
     results = {
         "config": json.loads(config.model_dump_json()),
         "frames": [n for n, _ in names_frames],
+        "splits": splits,
+        "autoencoder_input": scores(autoencoder_round_trip(student_model, frames), frames, splits),
+        "trained_unseen_clips": trained_unseen_clips(
+            {
+                "one-step student": config.student,
+                "guidance-distilled": config.guidance_student,
+                "teacher": config.teacher,
+            },
+            config,
+        ),
         "per_edit": per_edit,
         "sweep": sweep,
         "timings": timings,
@@ -313,6 +399,139 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _split_section(results: dict, methods: list[str]) -> list[str]:  # type: ignore[type-arg]
+    per_edit: dict[str, dict] = results["per_edit"]  # type: ignore[type-arg]
+    frames, splits = results["frames"], results["splits"]
+    columns = ["input", *methods]
+    lines = [
+        "## Two splits: unseen clips and the tails of seen clips (PSNR, unseen / seen)",
+        "",
+        f"Unseen ({splits.count('unseen')} frames): "
+        + ", ".join(n for n, s in zip(frames, splits, strict=True) if s == "unseen")
+        + f". Seen clips' tails ({splits.count('seen')} frames): the rest.",
+    ]
+    for name, clips in results["trained_unseen_clips"].items():
+        if clips:
+            lines.append(
+                f"Not unseen for the {name}: its training read the first "
+                f"{1 - results['config']['data']['val_tail']:.0%} of {', '.join(clips)}, so its unseen figures "
+                "flatter it there."
+            )
+    lines += [
+        "",
+        "| edit | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+
+    def cell(row: dict, column: str) -> str:  # type: ignore[type-arg]
+        by_split = row[column]["by_split"]
+        return " / ".join(_fmt(by_split[s]["psnr"]) if s in by_split else "–" for s in SPLITS)
+
+    for name, row in per_edit.items():
+        lines.append(f"| {name} | " + " | ".join(cell(row, c) for c in columns) + " |")
+    means = []
+    for column in columns:
+        parts = []
+        for split in SPLITS:
+            values = [
+                row[column]["by_split"][split]["psnr"] for row in per_edit.values() if split in row[column]["by_split"]
+            ]
+            parts.append(_fmt(float(np.mean(values))) if values else "–")
+        means.append(" / ".join(parts))
+    lines += ["| **mean** | " + " | ".join(means) + " |", ""]
+    return lines
+
+
+def _paraphrase_section(per_edit: dict) -> list[str]:  # type: ignore[type-arg]
+    lines = [
+        "## Paraphrase spread (one-step student, PSNR over all frames)",
+        "",
+        "Five phrasings per edit that share no content word with any training phrasing "
+        "(`training/unseen_phrasings.json`, checked by a test).",
+        "",
+        "| edit | mean | worst | best | spread | worst phrasing |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in per_edit.items():
+        p = row["paraphrases"]
+        worst = min(p["psnr"], key=p["psnr"].get)
+        lines.append(
+            f"| {name} | {_fmt(p['mean'])} | {_fmt(p['worst'])} | {_fmt(p['best'])} | {_fmt(p['spread'])} | {worst} |"
+        )
+    lines += [
+        f"| **mean** | {_fmt(float(np.mean([r['paraphrases']['mean'] for r in per_edit.values()])))} | "
+        f"{_fmt(float(np.mean([r['paraphrases']['worst'] for r in per_edit.values()])))} | | | |",
+        "",
+    ]
+    return lines
+
+
+def _ceiling_section(results: dict, methods: list[str]) -> list[str]:  # type: ignore[type-arg]
+    per_edit: dict[str, dict] = results["per_edit"]  # type: ignore[type-arg]
+    student, teacher = methods[0], methods[-1]
+    ae = results["autoencoder_input"]
+    lines = [
+        "## The ceiling: the autoencoder's round trip and sharpness",
+        "",
+        f"decode(encode(x)) of the held-out frames themselves: {_fmt(ae['psnr'])} dB / SSIM {ae['ssim']:.3f}, "
+        f"sharpness {ae['sharpness']:.2f} of the input's. Sharpness = mean luma gradient magnitude of an output over "
+        "its target's (1 = as sharp as the target, below 1 = softer).",
+        "",
+        "| edit | target through the autoencoder | one-step student | student − autoencoder (dB) | "
+        "sharpness: autoencoder | student | teacher |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in per_edit.items():
+        a, st, te = row["autoencoder round trip"], row[student], row[teacher]
+        lines.append(
+            f"| {name} | {_fmt(a['psnr'])} / {a['ssim']:.3f} | {_fmt(st['psnr'])} / {st['ssim']:.3f} | "
+            f"{st['psnr'] - a['psnr']:+.2f} | {a['sharpness']:.2f} | {st['sharpness']:.2f} | {te['sharpness']:.2f} |"
+        )
+    lines += [
+        "| **mean** | "
+        + _fmt(float(np.mean([r["autoencoder round trip"]["psnr"] for r in per_edit.values()])))
+        + " | "
+        + _fmt(float(np.mean([r[student]["psnr"] for r in per_edit.values()])))
+        + " | | "
+        + " | ".join(
+            f"{float(np.mean([r[k]['sharpness'] for r in per_edit.values()])):.2f}"
+            for k in ("autoencoder round trip", student, teacher)
+        )
+        + " |",
+        "",
+    ]
+    return lines
+
+
+def _sharper_default_checks(results: dict, student: str) -> list[str]:  # type: ignore[type-arg]
+    per_edit: dict[str, dict] = results["per_edit"]  # type: ignore[type-arg]
+    mean = float(np.mean([r[student]["psnr"] for r in per_edit.values()]))
+    colour = [n for n in COLOUR_ONLY_EDITS if n in per_edit]
+    short = [n for n in colour if per_edit[n][student]["ssim"] < per_edit[n]["input"]["ssim"]]
+    wide = [n for n, r in per_edit.items() if r["paraphrases"]["spread"] > PARAPHRASE_SPREAD_BAR_DB]
+    unseen = [r[student]["by_split"]["unseen"]["psnr"] for r in per_edit.values() if "unseen" in r[student]["by_split"]]
+    return [
+        "## Targets of a sharper default (issue 15)",
+        "",
+        f"- Mean one-step PSNR ≥ {MEAN_PSNR_TARGET_DB:g} dB: {'PASS' if mean >= MEAN_PSNR_TARGET_DB else 'FAIL'} "
+        f"({_fmt(mean)})",
+        "- SSIM at least the input's for the colour-only edits: "
+        + ("PASS" if not short else "FAIL")
+        + " ("
+        + ", ".join(f"{n} {per_edit[n][student]['ssim']:.3f} vs {per_edit[n]['input']['ssim']:.3f}" for n in colour)
+        + ")",
+        f"- Paraphrase spread ≤ {PARAPHRASE_SPREAD_BAR_DB:g} dB for every edit: "
+        + (
+            "PASS"
+            if not wide
+            else "FAIL: " + ", ".join(f"{n} {_fmt(per_edit[n]['paraphrases']['spread'])}" for n in wide)
+        ),
+        f"- Unseen split, mean one-step PSNR: {_fmt(float(np.mean(unseen))) if unseen else '–'} dB "
+        "(the next default must beat the shipped one's figure here by 2 dB)",
+        "",
+    ]
+
+
 def render_report(results: dict) -> str:  # type: ignore[type-arg]
     """The markdown report, with the issue's acceptance checks spelled out."""
     config = results["config"]
@@ -359,6 +578,10 @@ def render_report(results: dict) -> str:  # type: ignore[type-arg]
         "One-step student with a training phrasing instead (PSNR): "
         + ", ".join(f"{n} {row['one-step student, training phrasing']['psnr']:.2f}" for n, row in per_edit.items()),
         "",
+        *_split_section(results, methods),
+        *_paraphrase_section(per_edit),
+        *_ceiling_section(results, methods),
+        *_sharper_default_checks(results, student),
         "## Acceptance checks (issue 4)",
         "",
     ]
