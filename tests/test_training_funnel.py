@@ -1,0 +1,131 @@
+"""Channel funnels on a tiny TAESD decoder: widening keeps the function, CSI starts close, training lowers the
+loss, and the merged narrow decoder computes what the funnelled one does; the recipe runs, resumes and loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+
+from training.funnel import Funnels, coupled_singular_init, funnel, merge, widen
+from training.funnel_decoder import FunnelDecoderConfig, decoder_plan, train, widened_taesd
+from training.loop import read_loss_log
+from training.models import load_taesd
+
+
+def tiny_taesd(width: int = 8, seed: int = 0) -> AutoencoderTiny:
+    torch.manual_seed(seed)
+    return AutoencoderTiny(encoder_block_out_channels=(width,) * 4, decoder_block_out_channels=(width,) * 4).eval()
+
+
+def latents(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_the_decoder_plan_names_every_conv_and_shares_the_stream_across_identity_skips() -> None:
+    decoder = tiny_taesd().decoder
+    plan = decoder_plan(decoder)
+    convs = [n for n, m in decoder.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(plan.layers) == sorted(convs)
+    assert plan.layers["layers.0"][0] is None and plan.layers[convs[-1]][1] is None  # latents in, RGB out
+    block_in, _ = plan.layers["layers.2.conv.0"]
+    assert plan.layers["layers.2.conv.4"][1] == block_in, "a block writes back into the stream it reads"
+    assert set(plan.widths.values()) == {8}
+
+
+def test_widening_keeps_the_function_and_csi_of_the_widened_decoder_starts_near_it() -> None:
+    narrow = tiny_taesd()
+    plan = decoder_plan(narrow.decoder)
+    wide = widen(narrow.decoder, widened_taesd(narrow, 16).decoder, plan, 1e-2, torch.Generator().manual_seed(0))
+    z = latents()
+    with torch.no_grad():
+        expected = narrow.decoder(z)
+        assert torch.allclose(wide(z), expected, atol=1e-5)
+        csi = funnel(wide, plan, coupled_singular_init(wide, plan))(z)
+        shapes = coupled_singular_init(wide, plan)
+        generator = torch.Generator().manual_seed(2)
+        random = {s: torch.linalg.qr(torch.randn(16, w, generator=generator))[0] for s, w in plan.widths.items()}
+        rand = funnel(wide, plan, Funnels({s: q.T for s, q in random.items()}, random))(z)
+    assert set(shapes.narrowing) == set(plan.widths)
+    # CSI recovers the narrow function's subspace; random orthonormal funnels do not.
+    assert (csi - expected).abs().mean() < 0.05 * (rand - expected).abs().mean()
+
+
+def test_funnel_training_lowers_the_loss_and_the_merge_is_exact() -> None:
+    narrow = tiny_taesd()
+    plan = decoder_plan(narrow.decoder)
+    wide = widened_taesd(narrow, 16).decoder  # random wide weights: CSI must still give a working start
+    funnelled = funnel(wide, plan, coupled_singular_init(wide, plan)).train()
+    z, target = latents(4), torch.rand(4, 3, 64, 64) * 2 - 1
+    optimizer = torch.optim.Adam(funnelled.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(funnelled(z), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+    # The funnels themselves were trained, not only the wide weights around them.
+    assert not torch.allclose(funnelled.funnels.narrowing["s0"], coupled_singular_init(wide, plan).narrowing["s0"])
+    merged = merge(funnelled, tiny_taesd(seed=5).decoder).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(z), funnelled.eval()(z), atol=1e-5, rtol=1e-4)
+    assert [p.shape for p in merged.parameters()] == [p.shape for p in narrow.decoder.parameters()]
+
+
+def test_merge_refuses_a_network_of_other_widths() -> None:
+    narrow = tiny_taesd()
+    plan = decoder_plan(narrow.decoder)
+    wide = widened_taesd(narrow, 16).decoder
+    funnelled = funnel(wide, plan, coupled_singular_init(wide, plan))
+    with pytest.raises(ValueError, match="merged weight"):
+        merge(funnelled, tiny_taesd(width=4).decoder)
+
+
+def test_the_recipe_runs_its_phases_resumes_and_writes_a_decoder_of_the_served_width(tmp_path: Path) -> None:
+    start = tmp_path / "start"
+    tiny_taesd().save_pretrained(str(start))
+    config = FunnelDecoderConfig.model_validate(
+        {
+            "output_dir": tmp_path / "run",
+            "init_from": start,
+            "wide_channels": 16,
+            "wide_steps": 4,
+            "steps": 6,
+            "batch_size": 2,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "checkpoint_every": 3,
+            "threads": 1,
+            "ema_decay": 0.0,
+            "save_dtype": "float32",
+            "data": {
+                "photos": ["astronaut"],
+                "clips": [],
+                "val_photos": ["chelsea"],
+                "val_clips": [],
+                "crop_size": 32,
+            },
+        }
+    )
+    final = train(config)
+    served = load_taesd(final)
+    assert served.config.decoder_block_out_channels == [8, 8, 8, 8]
+    original = load_taesd(start)
+    for a, b in zip(served.encoder.parameters(), original.encoder.parameters(), strict=True):
+        assert torch.equal(a, b), "the encoder is kept, so latents (and UNets) stay valid"
+    assert any(
+        not torch.equal(a, b) for a, b in zip(served.decoder.parameters(), original.decoder.parameters(), strict=True)
+    )
+    assert [r["step"] for r in read_loss_log(tmp_path / "run" / "wide")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_loss_log(tmp_path / "run" / "funnel")] == [1, 2, 3, 4, 5, 6]
+    # Re-running resumes both phases from their last checkpoints and writes the same decoder.
+    before = {k: v.clone() for k, v in served.decoder.state_dict().items()}
+    again = load_taesd(train(config))
+    for k, v in again.decoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert json.loads((tmp_path / "run" / "wide" / "config.json").read_text())["steps"] == 4

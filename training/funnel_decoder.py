@@ -1,0 +1,159 @@
+"""Recipe: the autoencoder's decoder trained wide, funnelled back to its served width (MobileVD), merged exactly.
+
+Three phases, each resumable under output_dir: `wide/` trains a decoder widened from the starting one (same
+function at step 0), `funnel/` trains the served width as funnels around the wide weights (coupled singular
+initialisation), and `final/taesd/` is the starting encoder with the merged narrow decoder. The encoder stays
+frozen, so its latents, and every UNet trained on them, keep working.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderTiny
+from pydantic import Field
+from torch import nn
+
+from training.autoencoder import reconstruction_losses
+from training.checkpoint import TrainState
+from training.config import TrainConfig, recipe_main
+from training.data import CropSampler, DataConfig, load_split
+from training.edits import get_edits
+from training.funnel import Funnelled, FunnelPlan, coupled_singular_init, funnel, merge, widen
+from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.models import FINAL_FOLDER, load_taesd, save_taesd
+
+WIDE_FOLDER = "wide"
+FUNNEL_FOLDER = "funnel"
+
+
+class FunnelDecoderConfig(TrainConfig):
+    """A wider decoder's capacity at the served decoder's cost. `steps` counts the funnel phase."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    init_from: Path = Field(..., description="The TAESD folder to start from (its encoder is kept as it is).")
+    wide_channels: int = Field(32, ge=1, description="Channels of every block of the wide decoder.")
+    wide_steps: int = Field(..., ge=1, description="Steps of the wide phase.")
+    widen_noise: float = Field(1e-2, ge=0, description="Std of the new channels' writers when widening.")
+    edits: list[str] | None = Field(None, description="Edits whose outputs are also decoded (None = all).")
+    edit_probability: float = Field(0.5, ge=0, le=1, description="Chance a crop is replaced by an edit's output.")
+    l1_weight: float = Field(1.0, ge=0, description="Pixel L1.")
+    mse_weight: float = Field(1.0, ge=0, description="Pixel MSE (what PSNR measures).")
+    edge_weight: float = Field(0.5, ge=0, description="L1 between image gradients (keeps edges sharp).")
+    latent_noise: float = Field(0.05, ge=0, description="Max σ of noise on latents before decoding.")
+
+
+def decoder_plan(decoder: nn.Module) -> FunnelPlan:
+    """Channel spaces of a TAESD decoder: the stream between blocks (identity skips share it) and each block's
+    two inner spaces; the latent input and the RGB output are not funnelled. Widths are `decoder`'s own."""
+    layers: dict[str, tuple[str | None, str | None]] = {}
+    widths: dict[str, int] = {}
+    stream: str | None = None
+    convs = [(n, m) for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d)]
+    last = convs[-1][0]
+    for name, module in decoder.layers.named_children():
+        path = f"layers.{name}"
+        if isinstance(module, nn.Conv2d):
+            out = None if path == last else f"s{len(widths)}"
+            layers[path] = (stream, out)
+            if out is not None:
+                widths[out] = module.out_channels
+            stream = out
+        elif hasattr(module, "conv") and hasattr(module, "skip"):
+            if not isinstance(module.skip, nn.Identity):
+                raise ValueError(f"{path}: only blocks with identity skips share their stream")
+            inner = [(i, m) for i, m in module.conv.named_children() if isinstance(m, nn.Conv2d)]
+            reads = stream
+            for k, (i, conv) in enumerate(inner):
+                out = stream if k == len(inner) - 1 else f"s{len(widths)}"
+                if out != stream:
+                    widths[out] = conv.out_channels
+                layers[f"{path}.conv.{i}"] = (reads, out)
+                reads = out
+    return FunnelPlan(layers, widths)
+
+
+def widened_taesd(narrow: AutoencoderTiny, width: int) -> AutoencoderTiny:
+    """An AutoencoderTiny like `narrow` whose decoder blocks are `width` channels wide (weights unset)."""
+    config = dict(narrow.config)
+    kwargs = {k: config[k] for k in ("in_channels", "out_channels", "latent_channels", "act_fn", "upsample_fn")}
+    return AutoencoderTiny(
+        **kwargs,
+        encoder_block_out_channels=tuple(config["encoder_block_out_channels"]),
+        decoder_block_out_channels=(width,) * len(config["decoder_block_out_channels"]),
+        num_encoder_blocks=tuple(config["num_encoder_blocks"]),
+        num_decoder_blocks=tuple(config["num_decoder_blocks"]),
+        latent_magnitude=config["latent_magnitude"],
+        latent_shift=config["latent_shift"],
+        upsampling_scaling_factor=config["upsampling_scaling_factor"],
+    )
+
+
+def _decoder_phase(
+    config: FunnelDecoderConfig, decoder: nn.Module, encoder: nn.Module, phase: str, steps: int, seed: int
+) -> nn.Module:
+    """Train `decoder` on the frozen encoder's latents of (edited) crops; returns its EMA (or itself)."""
+    phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    modules: dict[str, nn.Module] = {"decoder": decoder}
+    ema = EMA(decoder, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    state = TrainState(modules, {"decoder": optimizer}, rng)
+    crops = CropSampler(load_split(config.data).train, config.data, rng)
+    edits = get_edits(config.edits)
+
+    def step(_: int) -> dict[str, float]:
+        x = crops.sample(config.batch_size)
+        edit_rows = torch.from_numpy(rng.random(config.batch_size) < config.edit_probability)
+        choice = torch.from_numpy(rng.integers(len(edits), size=config.batch_size))
+        for i in choice[edit_rows].unique().tolist():
+            rows = edit_rows & (choice == i)
+            x[rows] = edits[i](x[rows])
+        images = x * 2 - 1
+        with torch.no_grad():
+            latents = encoder(images)
+        sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
+        recon = decoder(latents + sigma * torch.randn_like(latents))
+        parts = reconstruction_losses(recon, images)
+        loss = config.l1_weight * parts["l1"] + config.mse_weight * parts["mse"] + config.edge_weight * parts["edge"]
+        loss.backward()
+        norm = clip_and_step(optimizer, params, config.grad_clip)
+        if ema is not None:
+            ema.update(decoder)
+        psnr = 10 * torch.log10(4.0 / parts["mse"].detach().clamp_min(1e-10))  # peak-to-peak 2 in [-1, 1]
+        return {"loss": float(loss.detach()), "psnr": float(psnr), "grad_norm": norm}
+
+    run_training(phase_config, state, step, f"funnel_decoder:{phase}")
+    return (ema.shadow if ema is not None else decoder).eval()
+
+
+def train(config: FunnelDecoderConfig) -> Path:
+    """Run (or resume) the three phases; writes output_dir/final/taesd/ and returns output_dir/final."""
+    start = load_taesd(config.init_from)
+    encoder = start.encoder.requires_grad_(False).eval()
+    plan = decoder_plan(start.decoder)
+    wide_taesd = widened_taesd(start, config.wide_channels)
+    wide = widen(
+        start.decoder, wide_taesd.decoder, plan, config.widen_noise, torch.Generator().manual_seed(config.seed)
+    )
+    wide = _decoder_phase(config, wide.train(), encoder, WIDE_FOLDER, config.wide_steps, config.seed)
+    funnelled: Funnelled = funnel(wide, plan, coupled_singular_init(wide, plan))
+    funnelled = _decoder_phase(config, funnelled.train(), encoder, FUNNEL_FOLDER, config.steps, config.seed + 1)
+    narrow = load_taesd(config.init_from)
+    merge(funnelled, narrow.decoder)
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    return save_taesd(Path(config.output_dir) / FINAL_FOLDER, narrow.eval(), dtype)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return recipe_main(FunnelDecoderConfig, train, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    main()
