@@ -10,6 +10,8 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
+from training.config import load_config
+from training.data import REPO_ROOT
 from training.funnel import Funnels, coupled_singular_init, funnel, merge, widen
 from training.funnel_decoder import FunnelDecoderConfig, decoder_plan, train, widened_taesd
 from training.loop import read_loss_log
@@ -129,3 +131,18 @@ def test_the_recipe_runs_its_phases_resumes_and_writes_a_decoder_of_the_served_w
     for k, v in again.decoder.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert json.loads((tmp_path / "run" / "wide" / "config.json").read_text())["steps"] == 4
+
+
+def test_the_default_config_funnels_the_shipped_decoder_back_to_itself_before_training() -> None:
+    config = load_config(FunnelDecoderConfig, REPO_ROOT / "training/configs/default_funnel_decoder.yaml", [])
+    shipped = load_taesd(REPO_ROOT / config.init_from)
+    plan = decoder_plan(shipped.decoder)
+    assert set(plan.widths.values()) == {16} and config.wide_channels > 16
+    generator = torch.Generator().manual_seed(0)
+    wide = widen(shipped.decoder, widened_taesd(shipped, config.wide_channels).decoder, plan, 1e-2, generator)
+    z = latents()
+    with torch.no_grad():
+        expected = shipped.decoder(z)
+        start = funnel(wide, plan, coupled_singular_init(wide, plan))(z)
+    assert torch.allclose(wide(z), expected, atol=1e-4)
+    assert (start - expected).abs().max() < 0.02
