@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 from pydantic import Field
 
-from training.checkpoint import TrainState
 from training.config import TAESDSpec, TrainConfig, recipe_main
 from training.data import CropSampler, DataConfig, load_split
-from training.edits import get_edits
-from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.edits import Edit, get_edits
+from training.loop import clip_and_step, module_train_state, run_training
 from training.models import FINAL_FOLDER, load_taesd, save_taesd
 
 
@@ -37,6 +36,20 @@ class AutoencoderConfig(TrainConfig):
     latent_noise: float = Field(
         0.05, ge=0, description="Max σ of noise added to latents before decoding (a decoder robust to UNet error)."
     )
+
+
+def edited_crops(
+    crops: CropSampler, edits: tuple[Edit, ...], rng: np.random.Generator, batch_size: int, probability: float
+) -> torch.Tensor:
+    """`batch_size` crops in [-1, 1], each replaced by a random edit's output with `probability`: a decoder must
+    draw the edits too."""
+    x = crops.sample(batch_size)
+    edit_rows = torch.from_numpy(rng.random(batch_size) < probability)
+    choice = torch.from_numpy(rng.integers(len(edits), size=batch_size))
+    for i in choice[edit_rows].unique().tolist():
+        rows = edit_rows & (choice == i)
+        x[rows] = edits[i](x[rows])
+    return x * 2 - 1
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,25 +82,13 @@ def train(config: AutoencoderConfig) -> Path:
     taesd = (
         load_taesd(config.init_from) if config.init_from else AutoencoderTiny(**config.taesd.diffusers_kwargs())
     ).train()
-    params = [p for p in taesd.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, config.lr, config.weight_decay)
-    modules: dict[str, torch.nn.Module] = {"taesd": taesd}
-    ema = EMA(taesd, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        modules["ema"] = ema
-    state = TrainState(modules, {"taesd": optimizer}, rng)
+    params, optimizer, ema, state = module_train_state(config, taesd, "taesd", rng)
     split = load_split(config.data)
     crops = CropSampler(split.train, config.data, rng)
     edits = get_edits(config.edits)
 
     def step(_: int) -> dict[str, float]:
-        x = crops.sample(config.batch_size)
-        edit_rows = torch.from_numpy(rng.random(config.batch_size) < config.edit_probability)
-        choice = torch.from_numpy(rng.integers(len(edits), size=config.batch_size))
-        for i in choice[edit_rows].unique().tolist():
-            rows = edit_rows & (choice == i)
-            x[rows] = edits[i](x[rows])
-        images = x * 2 - 1
+        images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
         latents = taesd.encode(images).latents
         sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
         recon = taesd.decode(latents + sigma * torch.randn_like(latents)).sample

@@ -16,13 +16,12 @@ from diffusers import AutoencoderTiny
 from pydantic import Field
 from torch import nn
 
-from training.autoencoder import reconstruction_losses
-from training.checkpoint import TrainState
+from training.autoencoder import edited_crops, reconstruction_losses
 from training.config import TrainConfig, recipe_main
 from training.data import CropSampler, DataConfig, load_split
 from training.edits import get_edits
 from training.funnel import Funnelled, FunnelPlan, coupled_singular_init, funnel, merge, widen
-from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.loop import clip_and_step, module_train_state, run_training
 from training.models import FINAL_FOLDER, load_taesd, save_taesd
 
 WIDE_FOLDER = "wide"
@@ -98,24 +97,12 @@ def _decoder_phase(
     phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    params = [p for p in decoder.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, config.lr, config.weight_decay)
-    modules: dict[str, nn.Module] = {"decoder": decoder}
-    ema = EMA(decoder, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        modules["ema"] = ema
-    state = TrainState(modules, {"decoder": optimizer}, rng)
+    params, optimizer, ema, state = module_train_state(config, decoder, "decoder", rng)
     crops = CropSampler(load_split(config.data).train, config.data, rng)
     edits = get_edits(config.edits)
 
     def step(_: int) -> dict[str, float]:
-        x = crops.sample(config.batch_size)
-        edit_rows = torch.from_numpy(rng.random(config.batch_size) < config.edit_probability)
-        choice = torch.from_numpy(rng.integers(len(edits), size=config.batch_size))
-        for i in choice[edit_rows].unique().tolist():
-            rows = edit_rows & (choice == i)
-            x[rows] = edits[i](x[rows])
-        images = x * 2 - 1
+        images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
         with torch.no_grad():
             latents = encoder(images)
         sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)

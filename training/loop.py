@@ -63,17 +63,25 @@ def make_adamw(
     return optimizer
 
 
+def module_train_state(
+    config: TrainConfig, module: nn.Module, name: str, rng: object
+) -> tuple[list[nn.Parameter], torch.optim.AdamW, EMA | None, TrainState]:
+    """The trainable parameters, AdamW, optional EMA and resumable state of a recipe that trains one module
+    (checkpointed under `name`)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, config.lr, config.weight_decay)
+    modules: dict[str, nn.Module] = {name: module}
+    ema = EMA(module, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        modules["ema"] = ema
+    return params, optimizer, ema, TrainState(modules, {name: optimizer}, rng)  # type: ignore[arg-type]
+
+
 def unet_train_state(
     config: TrainConfig, unet: nn.Module, rng: object
 ) -> tuple[list[nn.Parameter], torch.optim.AdamW, EMA | None, TrainState]:
-    """The trainable parameters, AdamW, optional EMA and resumable state of a recipe that trains one UNet."""
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, config.lr, config.weight_decay)
-    modules: dict[str, nn.Module] = {"unet": unet}
-    ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        modules["ema"] = ema
-    return params, optimizer, ema, TrainState(modules, {"unet": optimizer}, rng)  # type: ignore[arg-type]
+    """module_train_state for a recipe that trains one UNet."""
+    return module_train_state(config, unet, "unet", rng)
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> float:
