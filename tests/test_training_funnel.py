@@ -1,5 +1,6 @@
-"""Channel funnels on a tiny TAESD decoder: widening keeps the function, CSI starts close, training lowers the
-loss, and the merged narrow decoder computes what the funnelled one does; the recipe runs, resumes and loads."""
+"""Channel funnels on tiny TAESDs: widening keeps the function, CSI starts close, training lowers the
+loss, and the merged narrow decoder computes what the funnelled one does; the recipe runs, resumes and loads;
+the capacity measurement widens whole autoencoders exactly and scores each variant."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
+from training.ae_capacity import CapacityConfig, Variant, measure, render, widened_start
 from training.config import load_config
 from training.data import REPO_ROOT
 from training.funnel import Funnels, coupled_singular_init, funnel, merge, widen
@@ -146,3 +148,52 @@ def test_the_default_config_funnels_the_shipped_decoder_back_to_itself_before_tr
         start = funnel(wide, plan, coupled_singular_init(wide, plan))(z)
     assert torch.allclose(wide(z), expected, atol=1e-4)
     assert (start - expected).abs().max() < 0.02
+
+
+@pytest.mark.parametrize(("width", "latent_channels"), [(None, None), (16, None), (None, 8), (12, 6)])
+def test_a_whole_taesd_widens_exactly_in_its_blocks_and_its_latent(
+    width: int | None, latent_channels: int | None
+) -> None:
+    start = tiny_taesd()
+    variant = Variant(name="v", width=width, latent_channels=latent_channels)
+    wide = widened_start(start, variant, 1e-2, 0).eval()
+    assert wide.config.latent_channels == (latent_channels or 4)
+    assert wide.config.encoder_block_out_channels[0] == (width or 8)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(round_trip_tensor(wide, x), round_trip_tensor(start, x), atol=1e-5)
+
+
+def round_trip_tensor(taesd: AutoencoderTiny, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return taesd.decode(taesd.encode(x).latents).sample
+
+
+def test_the_capacity_measurement_trains_each_variant_and_scores_its_round_trip(tmp_path: Path) -> None:
+    start = tmp_path / "start"
+    tiny_taesd().save_pretrained(str(start))
+    config = CapacityConfig.model_validate(
+        {
+            "output_dir": tmp_path / "capacity",
+            "init_from": start,
+            "steps": 3,
+            "batch_size": 2,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "checkpoint_every": 3,
+            "threads": 1,
+            "ema_decay": 0.0,
+            "resolution": 32,
+            "edits": ["negative"],
+            "variants": [{"name": "control"}, {"name": "latent 8", "latent_channels": 8}],
+            "data": {"photos": ["astronaut"], "clips": [], "val_photos": ["chelsea"], "val_clips": [], "crop_size": 32},
+        }
+    )
+    results = measure(config)
+    assert list(results) == ["start (not trained further)", "control", "latent 8"]
+    for by_set in results.values():
+        assert list(by_set) == ["frames", "negative"]
+        assert all(0 < s["psnr"] < 100 and s["sharpness"] > 0 for s in by_set.values())
+    # Three steps moved the trained variants away from the start they all began at.
+    assert results["control"]["frames"]["psnr"] != results["start (not trained further)"]["frames"]["psnr"]
+    assert [r["step"] for r in read_loss_log(tmp_path / "capacity" / "latent 8")] == [1, 2, 3]
+    assert "| frames |" in render(results, config)

@@ -44,43 +44,72 @@ class FunnelDecoderConfig(TrainConfig):
     latent_noise: float = Field(0.05, ge=0, description="Max σ of noise on latents before decoding.")
 
 
-def decoder_plan(decoder: nn.Module) -> FunnelPlan:
-    """Channel spaces of a TAESD decoder: the stream between blocks (identity skips share it) and each block's
-    two inner spaces; the latent input and the RGB output are not funnelled. Widths are `decoder`'s own."""
-    layers: dict[str, tuple[str | None, str | None]] = {}
-    widths: dict[str, int] = {}
-    stream: str | None = None
-    convs = [(n, m) for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d)]
-    last = convs[-1][0]
-    for name, module in decoder.layers.named_children():
-        path = f"layers.{name}"
+def _sequential_plan(
+    layers: nn.Sequential, prefix: str, reads: str | None, last_writes: str | None, plan: FunnelPlan
+) -> None:
+    """Add the channel spaces of a TAESD encoder's or decoder's layers to `plan`: the stream between blocks
+    (identity skips share it) and each block's inner spaces. The first conv reads `reads`, the last writes
+    `last_writes` (None: not funnelled, like RGB)."""
+    convs = [n for n, m in layers.named_modules() if isinstance(m, nn.Conv2d)]
+    stream = reads
+
+    def new_space(width: int) -> str:
+        name = f"s{len(plan.widths)}"
+        plan.widths[name] = width
+        return name
+
+    for name, module in layers.named_children():
+        path = f"{prefix}.{name}"
         if isinstance(module, nn.Conv2d):
-            out = None if path == last else f"s{len(widths)}"
-            layers[path] = (stream, out)
-            if out is not None:
-                widths[out] = module.out_channels
+            out = last_writes if name == convs[-1] else new_space(module.out_channels)
+            plan.layers[path] = (stream, out)
             stream = out
         elif hasattr(module, "conv") and hasattr(module, "skip"):
             if not isinstance(module.skip, nn.Identity):
                 raise ValueError(f"{path}: only blocks with identity skips share their stream")
             inner = [(i, m) for i, m in module.conv.named_children() if isinstance(m, nn.Conv2d)]
-            reads = stream
+            block_reads = stream
             for k, (i, conv) in enumerate(inner):
-                out = stream if k == len(inner) - 1 else f"s{len(widths)}"
-                if out != stream:
-                    widths[out] = conv.out_channels
-                layers[f"{path}.conv.{i}"] = (reads, out)
-                reads = out
-    return FunnelPlan(layers, widths)
+                out = stream if k == len(inner) - 1 else new_space(conv.out_channels)
+                plan.layers[f"{path}.conv.{i}"] = (block_reads, out)
+                block_reads = out
 
 
-def widened_taesd(narrow: AutoencoderTiny, width: int) -> AutoencoderTiny:
-    """An AutoencoderTiny like `narrow` whose decoder blocks are `width` channels wide (weights unset)."""
+def decoder_plan(decoder: nn.Module) -> FunnelPlan:
+    """Channel spaces of a TAESD decoder; the latent input and the RGB output are not funnelled. Widths are
+    `decoder`'s own."""
+    plan = FunnelPlan({}, {})
+    _sequential_plan(decoder.layers, "layers", None, None, plan)
+    return plan
+
+
+def taesd_plan(taesd: AutoencoderTiny, latent: bool) -> FunnelPlan:
+    """Channel spaces of a whole TAESD (paths from the AutoencoderTiny); with `latent`, the latent channels
+    between encoder and decoder are a space too (so they can be widened)."""
+    plan = FunnelPlan({}, {})
+    latent_space = None
+    if latent:
+        latent_space = "latent"
+        plan.widths[latent_space] = int(taesd.config.latent_channels)
+    _sequential_plan(taesd.encoder.layers, "encoder.layers", None, latent_space, plan)
+    _sequential_plan(taesd.decoder.layers, "decoder.layers", latent_space, None, plan)
+    return plan
+
+
+def widened_taesd(
+    narrow: AutoencoderTiny, width: int, *, encoder_width: int | None = None, latent_channels: int | None = None
+) -> AutoencoderTiny:
+    """An AutoencoderTiny like `narrow` whose decoder blocks are `width` channels wide (and its encoder blocks
+    `encoder_width`, its latent `latent_channels`, where given); weights unset."""
     config = dict(narrow.config)
-    kwargs = {k: config[k] for k in ("in_channels", "out_channels", "latent_channels", "act_fn", "upsample_fn")}
+    kwargs = {k: config[k] for k in ("in_channels", "out_channels", "act_fn", "upsample_fn")}
+    encoder_blocks = len(config["encoder_block_out_channels"])
     return AutoencoderTiny(
         **kwargs,
-        encoder_block_out_channels=tuple(config["encoder_block_out_channels"]),
+        latent_channels=latent_channels or config["latent_channels"],
+        encoder_block_out_channels=(
+            (encoder_width,) * encoder_blocks if encoder_width else tuple(config["encoder_block_out_channels"])
+        ),
         decoder_block_out_channels=(width,) * len(config["decoder_block_out_channels"]),
         num_encoder_blocks=tuple(config["num_encoder_blocks"]),
         num_decoder_blocks=tuple(config["num_decoder_blocks"]),
