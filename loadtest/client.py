@@ -213,6 +213,8 @@ class EditSession:
     received: list[Received] = field(default_factory=list)
     images: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (index in received, RGB)
     on_frame: Callable[[Received, av.VideoFrame], None] | None = None
+    #: None: no STUN/TURN (loopback); a fleet's relay test passes its TURN server with a relay-only policy.
+    rtc_configuration: RTCConfiguration | None = None
     pc: RTCPeerConnection | None = None
     _to_rgb: VideoReformatter = field(default_factory=VideoReformatter, repr=False)
     _reader: asyncio.Task[None] | None = None
@@ -220,7 +222,7 @@ class EditSession:
 
     async def open(self, edit: dict[str, Any] | None = None) -> httpx.Response:
         """Offer (with every candidate gathered), POST it, apply the answer; the response is returned as is."""
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = RTCPeerConnection(self.rtc_configuration or RTCConfiguration(iceServers=[]))
         self.pc = pc
         pc.addTrack(self.source)
         apply_receive_rule(pc, self.receive_rule)

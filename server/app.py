@@ -71,7 +71,8 @@ def create_app(
 ) -> FastAPI:
     """The service (one media worker). `engine` connects to an engine started elsewhere (the supervisor's);
     without it the app starts its own, as settings.engine says, built by `editor_factory` (tests swap it).
-    Every response names the media worker that answered (X-StreamEdit-Worker)."""
+    Every response names the media worker that answered (X-StreamEdit-Worker) and, in a fleet, the replica
+    (X-StreamEdit-Replica)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -145,6 +146,8 @@ def create_app(
     async def name_the_worker(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
         response.headers["X-StreamEdit-Worker"] = worker_name
+        if settings.replica:
+            response.headers["X-StreamEdit-Replica"] = settings.replica
         return response
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

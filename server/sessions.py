@@ -220,7 +220,9 @@ class SessionRegistry:
             self._negotiating -= 1
 
     async def _create(self, sdp: str, params: EditParams) -> tuple[Session, RTCSessionDescription]:
-        session_id = uuid.uuid4().hex
+        # In a fleet the id names the replica first: the proxy routes the session's later calls by it.
+        replica = self.settings.replica
+        session_id = f"{replica}.{uuid.uuid4().hex}" if replica else uuid.uuid4().hex
         pc = RTCPeerConnection(rtc_configuration(self.settings.ice_servers))
         session = Session(self, pc, session_id, params)
         try:

@@ -13,6 +13,8 @@ from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec, PrecisionN
 from server.jitter import RECEIVE_RULE_MEANINGS, ReceiveRule
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
+#: A replica's name: a DNS label, so a StatefulSet pod's own name (streamedit-0) can serve as it.
+REPLICA_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
 def default_media_workers() -> int:
@@ -34,6 +36,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMEDIT_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
+    replica: str | None = Field(
+        None,
+        pattern=REPLICA_PATTERN,
+        description="This server's name in a fleet (a DNS label, e.g. the pod's name). Session ids then start "
+        "with it and a dot, and every response names it (X-StreamEdit-Replica), so a proxy can send each "
+        "session's later calls to the replica that holds its peer connection (deploy/).",
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     resolution: int | None = Field(None, ge=64, le=2048, description="Editor resolution (default: the model's).")
     max_sessions: int = Field(4, ge=1, le=1024, description="Sessions beyond this get 503 with Retry-After.")

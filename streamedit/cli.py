@@ -8,6 +8,7 @@ COMMANDS = {
     "serve": "run the service (see `streamedit serve --help`)",
     "build-engine": "export ONNX graphs and build TensorRT engines for a model",
     "loadtest": "open N WebRTC sessions against a running server and report",
+    "fleet": "run N replicas behind nginx (routing by replica) with a coturn relay, on this machine",
 }
 
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from engines.build import main as build_main
 
         return build_main(rest)
+    if command == "fleet":
+        from fleet.local import main as fleet_main
+
+        return fleet_main(rest)
     from loadtest.cli import main as loadtest_main
 
     return loadtest_main(rest)
