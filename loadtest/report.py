@@ -58,6 +58,15 @@ def _step_line(step: dict[str, Any]) -> str:
     )
 
 
+def _replica_lines(per_replica: dict[str, dict[str, float]]) -> list[str]:
+    """A fleet step's spread: sessions and FPS per replica (none against a single server)."""
+    return [
+        f"      replica {name}: {r['sessions']:g} sessions, fps min/mean {r['distinct_fps_min']:.1f}/"
+        f"{r['distinct_fps_mean']:.1f}"
+        for name, r in per_replica.items()
+    ]
+
+
 def _stage_lines(stages: list[dict[str, Any]]) -> list[str]:
     """One step's stage table: where a frame's capture-to-receive time went (loadtest.run.stage_table)."""
 
@@ -86,6 +95,7 @@ def render_summary(report: dict[str, Any]) -> str:
     ]
     for step in _steps(report):
         lines.append(_step_line(step))
+        lines += _replica_lines(step.get("per_replica", {}))
         lines += _stage_lines(step.get("stages", []))
     if report.get("mode") == "capacity":
         lines.append(

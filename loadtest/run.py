@@ -75,6 +75,7 @@ class SessionResult:
     patch_to_visible_s: list[float] = field(default_factory=list)
     encode_ms: list[float] = field(default_factory=list)  # this client's capture to encoded and sent, per frame
     server_stages_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # the session's, at the end
+    replica: str | None = None  # the fleet replica that answered the POST (X-StreamEdit-Replica), if any
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else None
@@ -89,6 +90,7 @@ class SessionResult:
             "latency_ms_max": None if lat is None else round(float(lat.max()), 1),
             "freezes": self.freezes,
             "patch_to_visible_s": [round(x, 3) for x in self.patch_to_visible_s],
+            "replica": self.replica,
         }
 
 
@@ -112,6 +114,7 @@ async def run_session(
         if config.guidance:
             first.update(text_guidance=config.guidance[0][0], image_guidance=config.guidance[0][1])
         response = await session.open(first)
+        result.replica = response.headers.get("X-StreamEdit-Replica")
         if response.status_code != 201:
             result.error = f"HTTP {response.status_code}: {response.text[:200]}"
             return result
@@ -234,9 +237,26 @@ def step_report(config: LoadConfig, sessions: list[SessionResult], server: dict[
         "freezes": sum(s.freezes for s in connected),
         "stages": stage_table(connected, server, all_lat),
         "per_session": [s.summary() for s in sessions],
+        "per_replica": per_replica(connected),
         "fps_timelines": [s.fps_timeline for s in sessions],
         "latencies_ms": [s.latencies_ms for s in sessions],
         "server": server,
+    }
+
+
+def per_replica(connected: list[SessionResult]) -> dict[str, dict[str, float]]:
+    """Sessions and edited FPS per fleet replica (empty against a single server, which names none)."""
+    by_replica: dict[str, list[float]] = {}
+    for s in connected:
+        if s.replica:
+            by_replica.setdefault(s.replica, []).append(s.distinct_fps)
+    return {
+        name: {
+            "sessions": len(fps),
+            "distinct_fps_min": round(min(fps), 2),
+            "distinct_fps_mean": round(float(np.mean(fps)), 2),
+        }
+        for name, fps in sorted(by_replica.items())
     }
 
 

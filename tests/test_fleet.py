@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -16,6 +17,8 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from fleet.local import FleetConfig, LocalFleet, ensure_proxy_tools
 from fleet.routing import Replica, local_nginx_config, replica_of
 from loadtest.client import ClipTrack, EditSession, pin_loopback_candidates
+from loadtest.report import render_summary
+from loadtest.run import LoadConfig, run_step
 from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -58,6 +61,21 @@ def two_free_ports() -> int:
 def rejected(fleet: LocalFleet, name: str) -> float:
     text = httpx.get(f"{fleet.replica_url(name)}/metrics", timeout=5).text
     return float(re.search(r"^streamedit_sessions_rejected_total (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def wait_until_every_replica_has_room(fleet: LocalFleet) -> None:
+    """A closed session's slot frees once its replica has closed the peer and the engine's heartbeat says so."""
+    deadline = time.monotonic() + 20
+    for name in fleet.replicas:
+        while httpx.get(f"{fleet.replica_url(name)}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, f"{name} still full 20 s after its sessions closed"
+            time.sleep(0.1)
+
+
+@pytest.fixture(autouse=True)
+def _room_on_every_replica(request: pytest.FixtureRequest) -> None:
+    if "fleet" in request.fixturenames:
+        wait_until_every_replica_has_room(request.getfixturevalue("fleet"))
 
 
 async def connected(session: EditSession) -> None:
@@ -140,6 +158,17 @@ async def test_a_sessions_calls_reach_its_replica_and_its_token_is_checked_there
         finally:
             await a.close(delete=False)
             await b.close()
+
+
+def test_the_load_tester_drives_the_fleet_through_the_proxy_and_reports_each_replica(fleet: LocalFleet) -> None:
+    pin_loopback_candidates()
+    config = LoadConfig(url=fleet.url, sessions=2, duration_s=8, warmup_s=3, ramp_per_s=1, fps=15, width=64, height=64)
+    step = run_step(config)
+    assert step["connected"] == 2, step["per_session"]
+    assert sorted(step["per_replica"]) == sorted(fleet.replicas), "max-sessions 1: one session on each replica"
+    assert all(r["sessions"] == 1 and r["distinct_fps_mean"] > 0 for r in step["per_replica"].values())
+    summary = render_summary(step)
+    assert all(f"replica {name}: 1 sessions" in summary for name in fleet.replicas)
 
 
 async def test_a_relay_only_client_gets_its_frames_through_coturn(fleet: LocalFleet, clip_frames) -> None:
