@@ -54,7 +54,7 @@ def _step_line(step: dict[str, Any]) -> str:
         f"fps min/mean {step['distinct_fps_min']:5.1f}/{step['distinct_fps_mean']:5.1f}  "
         f"latency p50/p95 {step['latency_ms_p50']}/{step['latency_ms_p95']} ms  freezes {step['freezes']}  "
         f"engine {server.get('engine_ms_per_batch')} ms/batch × {server.get('mean_batch_size')}  "
-        f"dropped {server.get('frames_dropped')}"
+        f"dropped {server.get('frames_dropped')}  video in {step.get('kbps_received_mean')} kbps/session"
     )
 
 

@@ -76,6 +76,8 @@ class SessionResult:
     encode_ms: list[float] = field(default_factory=list)  # this client's capture to encoded and sent, per frame
     server_stages_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # the session's, at the end
     replica: str | None = None  # the fleet replica that answered the POST (X-StreamEdit-Replica), if any
+    kbps_received: float | None = None  # edited video from the server (over the media transport), measured window
+    kbps_sent: float | None = None  # camera video to the server, same window
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else None
@@ -91,6 +93,8 @@ class SessionResult:
             "freezes": self.freezes,
             "patch_to_visible_s": [round(x, 3) for x in self.patch_to_visible_s],
             "replica": self.replica,
+            "kbps_received": None if self.kbps_received is None else round(self.kbps_received, 1),
+            "kbps_sent": None if self.kbps_sent is None else round(self.kbps_sent, 1),
         }
 
 
@@ -128,7 +132,10 @@ async def run_session(
         patches: list[float] = []
         next_patch = time.monotonic() + config.patch_every_s if config.patch_every_s > 0 else float("inf")
         k = 0
+        counted_from: tuple[float, int, int] | None = None
         while (now := time.monotonic()) < end:
+            if counted_from is None and now >= start_at + config.warmup_s:
+                counted_from = (now, *await rtp_bytes(session))
             if now >= next_patch:
                 k += 1
                 change: dict[str, Any] = {"prompt": config.prompts[k % len(config.prompts)]}
@@ -141,6 +148,11 @@ async def run_session(
                 patches.append(time.monotonic())  # frames captured after this are edited with the new prompt
                 next_patch += config.patch_every_s
             await asyncio.sleep(min(0.1, max(0.0, end - now)))
+        if counted_from is not None:
+            received, sent = await rtp_bytes(session)
+            seconds = time.monotonic() - counted_from[0]
+            result.kbps_received = (received - counted_from[1]) * 8 / 1000 / seconds
+            result.kbps_sent = (sent - counted_from[2]) * 8 / 1000 / seconds
         await session.calibrate()
         measure_from = max(start_at + config.warmup_s, session.received[0].at)
         window = end - measure_from
@@ -174,6 +186,14 @@ async def run_session(
         except Exception:  # noqa: S110 - the server may already be gone
             pass
     return result
+
+
+async def rtp_bytes(session: EditSession) -> tuple[int, int]:
+    """Bytes received and sent so far over the session's media transport: its one video each way, with their
+    SRTP and RTCP overhead (aiortc's inbound RTP stats carry no byte count; its transport stats do)."""
+    assert session.pc is not None
+    stats = [s for s in (await session.pc.getStats()).values() if s.type == "transport"]
+    return sum(s.bytesReceived for s in stats), sum(s.bytesSent for s in stats)
 
 
 def patch_delays(session: EditSession, patched_at: list[float]) -> list[float]:
@@ -225,10 +245,12 @@ def step_report(config: LoadConfig, sessions: list[SessionResult], server: dict[
     connected = [s for s in sessions if s.connected]
     all_lat = [x for s in connected for x in s.latencies_ms]
     fps = [s.distinct_fps for s in connected]
+    kbps = [s.kbps_received for s in connected if s.kbps_received is not None]
     return {
         "config": asdict(config),
         "sessions": len(sessions),
         "connected": len(connected),
+        "kbps_received_mean": round(float(np.mean(kbps)), 1) if kbps else None,
         "failures": len(sessions) - len(connected),
         "distinct_fps_min": round(min(fps), 2) if fps else 0.0,
         "distinct_fps_mean": round(float(np.mean(fps)), 2) if fps else 0.0,

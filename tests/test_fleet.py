@@ -167,6 +167,9 @@ def test_the_load_tester_drives_the_fleet_through_the_proxy_and_reports_each_rep
     assert step["connected"] == 2, step["per_session"]
     assert sorted(step["per_replica"]) == sorted(fleet.replicas), "max-sessions 1: one session on each replica"
     assert all(r["sessions"] == 1 and r["distinct_fps_mean"] > 0 for r in step["per_replica"].values())
+    # Media bandwidth is measured from the peer connection's RTP stats, both ways.
+    assert all(s["kbps_received"] > 0 and s["kbps_sent"] > 0 for s in step["per_session"])
+    assert "kbps/session" in render_summary(step)
     summary = render_summary(step)
     assert all(f"replica {name}: 1 sessions" in summary for name in fleet.replicas)
 
