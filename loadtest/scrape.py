@@ -14,11 +14,15 @@ Samples = dict[str, float]
 
 def scrape_metrics(url: str) -> Samples:
     """Totals of every counter/histogram sample at /metrics, summed over labels but `le` and `stage` ({} if
-    unreachable)."""
+    unreachable, or if a fleet's proxy answered: its /metrics is whichever replica it picked, and a difference
+    of two such scrapes would mix replicas)."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
+        response = httpx.get(f"{url}/metrics", timeout=10)
     except httpx.HTTPError:
         return {}
+    if "X-StreamEdit-Replica" in response.headers:
+        return {}
+    text = response.text
     totals: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -80,6 +83,38 @@ def _room_on_every_replica(request: pytest.FixtureRequest) -> None:
 
 async def connected(session: EditSession) -> None:
     await wait_for(lambda: len(session.received) >= 2, 30, f"frames of {session.session_id}")
+
+
+def test_the_fleet_command_starts_from_one_line_and_stops_everything_on_sigterm(tmp_path) -> None:
+    try:
+        ensure_proxy_tools()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    port, replica_port, turn_port = free_port(), free_port(), free_port()
+    argv = [sys.executable, "-m", "streamedit.cli", "fleet", "--replicas", "1", "--port", str(port)]
+    argv += ["--first-replica-port", str(replica_port), "--first-udp-port", "45500", "--turn-port", str(turn_port)]
+    argv += ["--log-dir", str(tmp_path), "--", "--resolution", "64", "--backend", "torch", "--threads", "1"]
+    argv += ["--media-workers", "1"]
+    fleet_process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = fleet_process.stdout.readline()  # type: ignore[union-attr]
+        assert f"fleet on http://127.0.0.1:{port}" in banner, banner + (tmp_path / "streamedit-0.log").read_text()
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status_code == 200 and health.headers["X-StreamEdit-Replica"] == "streamedit-0"
+    finally:
+        fleet_process.send_signal(signal.SIGTERM)
+        assert fleet_process.wait(60) == 0
+    for url in (f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{replica_port}/healthz"):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=2)
+
+
+def test_the_fleet_command_refuses_bad_arguments_with_a_message() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamedit.cli", "fleet", "--replicas", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--replicas must be at least 1" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_the_routing_rule_and_its_nginx_config() -> None:
