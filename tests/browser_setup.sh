@@ -7,19 +7,7 @@ set -euo pipefail
 PYTHON="${1:-python3}"
 
 if [ ! -x /usr/bin/chromium ]; then
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-      SUDO="sudo -n"
-    else
-      echo "chromium is missing and this user can neither run apt-get (not root) nor sudo without a password" >&2
-      exit 1
-    fi
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  # Other jobs may hold the dpkg lock for a while: wait for it rather than fail.
-  $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
-  $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq chromium
+  "$(dirname "$0")/../scripts/apt-install.sh" chromium
 fi
 
 if ! "$PYTHON" -c "import playwright.sync_api" >/dev/null 2>&1; then

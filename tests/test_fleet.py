@@ -85,6 +85,17 @@ async def connected(session: EditSession) -> None:
     await wait_for(lambda: len(session.received) >= 2, 30, f"frames of {session.session_id}")
 
 
+async def one_on_each_replica(fleet: LocalFleet, clip_frames, http: httpx.AsyncClient) -> list[EditSession]:
+    """Two streaming sessions; with --max-sessions 1 they sit on different replicas."""
+    sessions = []
+    for _ in range(2):
+        session = EditSession(fleet.url, ClipTrack(clip_frames), http)
+        assert (await session.open()).status_code == 201
+        await connected(session)
+        sessions.append(session)
+    return sessions
+
+
 def test_the_fleet_command_starts_from_one_line_and_stops_everything_on_sigterm(tmp_path) -> None:
     try:
         ensure_proxy_tools()
@@ -166,12 +177,7 @@ async def test_a_sessions_calls_reach_its_replica_and_its_token_is_checked_there
 ) -> None:
     pin_loopback_candidates()
     async with httpx.AsyncClient(timeout=20) as http:
-        a = EditSession(fleet.url, ClipTrack(clip_frames), http)
-        b = EditSession(fleet.url, ClipTrack(clip_frames), http)
-        assert (await a.open()).status_code == 201
-        await connected(a)
-        assert (await b.open()).status_code == 201
-        await connected(b)
+        a, b = await one_on_each_replica(fleet, clip_frames, http)
         try:
             owner_a = replica_of(f"/v1/sessions/{a.session_id}")
             assert owner_a != replica_of(f"/v1/sessions/{b.session_id}"), "max-sessions 1: one on each"
@@ -231,12 +237,7 @@ async def test_a_relay_only_client_gets_its_frames_through_coturn(fleet: LocalFl
 async def test_killing_a_replica_leaves_the_others_sessions_streaming(fleet: LocalFleet, clip_frames) -> None:
     pin_loopback_candidates()
     async with httpx.AsyncClient(timeout=20) as http:
-        a = EditSession(fleet.url, ClipTrack(clip_frames), http)
-        b = EditSession(fleet.url, ClipTrack(clip_frames), http)
-        assert (await a.open()).status_code == 201
-        await connected(a)
-        assert (await b.open()).status_code == 201
-        await connected(b)
+        a, b = await one_on_each_replica(fleet, clip_frames, http)
         victim = replica_of(f"/v1/sessions/{a.session_id}")
         survivor = replica_of(f"/v1/sessions/{b.session_id}")
         assert victim and survivor and victim != survivor

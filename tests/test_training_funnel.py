@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,28 @@ from training.models import load_taesd
 def tiny_taesd(width: int = 8, seed: int = 0) -> AutoencoderTiny:
     torch.manual_seed(seed)
     return AutoencoderTiny(encoder_block_out_channels=(width,) * 4, decoder_block_out_channels=(width,) * 4).eval()
+
+
+def saved_tiny_taesd(tmp_path: Path) -> Path:
+    start = tmp_path / "start"
+    tiny_taesd().save_pretrained(str(start))
+    return start
+
+
+def tiny_run(output_dir: Path, start: Path, **fields: Any) -> dict[str, Any]:
+    """Seconds-long recipe fields: batch 2, a loss line every step, one photo's 32² crops."""
+    return {
+        "output_dir": output_dir,
+        "init_from": start,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "threads": 1,
+        "ema_decay": 0.0,
+        "save_dtype": "float32",
+        "data": {"photos": ["astronaut"], "clips": [], "val_photos": ["chelsea"], "val_clips": [], "crop_size": 32},
+        **fields,
+    }
 
 
 def latents(n: int = 2) -> torch.Tensor:
@@ -91,30 +114,9 @@ def test_merge_refuses_a_network_of_other_widths() -> None:
 
 
 def test_the_recipe_runs_its_phases_resumes_and_writes_a_decoder_of_the_served_width(tmp_path: Path) -> None:
-    start = tmp_path / "start"
-    tiny_taesd().save_pretrained(str(start))
+    start = saved_tiny_taesd(tmp_path)
     config = FunnelDecoderConfig.model_validate(
-        {
-            "output_dir": tmp_path / "run",
-            "init_from": start,
-            "wide_channels": 16,
-            "wide_steps": 4,
-            "steps": 6,
-            "batch_size": 2,
-            "warmup_steps": 1,
-            "log_every": 1,
-            "checkpoint_every": 3,
-            "threads": 1,
-            "ema_decay": 0.0,
-            "save_dtype": "float32",
-            "data": {
-                "photos": ["astronaut"],
-                "clips": [],
-                "val_photos": ["chelsea"],
-                "val_clips": [],
-                "crop_size": 32,
-            },
-        }
+        tiny_run(tmp_path / "run", start, steps=6, checkpoint_every=3, wide_channels=16, wide_steps=4)
     )
     final = train(config)
     served = load_taesd(final)
@@ -169,24 +171,17 @@ def round_trip_tensor(taesd: AutoencoderTiny, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_capacity_measurement_trains_each_variant_and_scores_its_round_trip(tmp_path: Path) -> None:
-    start = tmp_path / "start"
-    tiny_taesd().save_pretrained(str(start))
+    start = saved_tiny_taesd(tmp_path)
     config = CapacityConfig.model_validate(
-        {
-            "output_dir": tmp_path / "capacity",
-            "init_from": start,
-            "steps": 3,
-            "batch_size": 2,
-            "warmup_steps": 1,
-            "log_every": 1,
-            "checkpoint_every": 3,
-            "threads": 1,
-            "ema_decay": 0.0,
-            "resolution": 32,
-            "edits": ["negative"],
-            "variants": [{"name": "control"}, {"name": "latent 8", "latent_channels": 8}],
-            "data": {"photos": ["astronaut"], "clips": [], "val_photos": ["chelsea"], "val_clips": [], "crop_size": 32},
-        }
+        tiny_run(
+            tmp_path / "capacity",
+            start,
+            steps=3,
+            checkpoint_every=3,
+            resolution=32,
+            edits=["negative"],
+            variants=[{"name": "control"}, {"name": "latent 8", "latent_channels": 8}],
+        )
     )
     results = measure(config)
     assert list(results) == ["start (not trained further)", "control", "latent 8"]

@@ -8,7 +8,6 @@ exact targets. The unchanged variant is the control: what the extra steps alone 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from diffusers import AutoencoderTiny
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.editor import frames_to_tensor, tensor_to_frames
-from training.autoencoder import edited_crops, latent_regulariser, reconstruction_losses
-from training.config import TrainConfig, load_config
-from training.data import CropSampler, DataConfig, load_split, validation_frames
+from training.autoencoder import AutoencoderConfig, autoencoder_loss, edited_crops
+from training.config import recipe_main
+from training.data import CropSampler, load_split, validation_frames
 from training.edits import get_edits
 from training.evaluate import apply_edit, scores
 from training.funnel import widen
@@ -39,20 +38,12 @@ class Variant(BaseModel):
     latent_channels: int | None = Field(None, ge=1, description="Latent channels.")
 
 
-class CapacityConfig(TrainConfig):
-    """The start, the variants, and the autoencoder recipe's loss; `steps` is per variant."""
+class CapacityConfig(AutoencoderConfig):
+    """The start, the variants, and the autoencoder recipe's own loss and data; `steps` is per variant."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
     init_from: Path = Field(..., description="The TAESD folder every variant starts from.")
     variants: list[Variant] = Field(..., min_length=1)
     widen_noise: float = Field(1e-2, ge=0, description="Std of new channels' writers when widening.")
-    edits: list[str] | None = Field(None, description="Edits whose outputs are also reconstructed (None = all).")
-    edit_probability: float = Field(0.75, ge=0, le=1)
-    l1_weight: float = Field(1.0, ge=0)
-    mse_weight: float = Field(1.0, ge=0)
-    edge_weight: float = Field(0.5, ge=0)
-    latent_reg_weight: float = Field(0.01, ge=0)
-    latent_noise: float = Field(0.05, ge=0)
     resolution: int = Field(256, ge=32, description="Side of the scored held-out frames.")
 
 
@@ -75,16 +66,7 @@ def train_variant(config: CapacityConfig, variant: Variant) -> AutoencoderTiny:
 
     def step(_: int) -> dict[str, float]:
         images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
-        latents = taesd.encode(images).latents
-        sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
-        parts = reconstruction_losses(taesd.decode(latents + sigma * torch.randn_like(latents)).sample, images)
-        reg = latent_regulariser(latents)
-        loss = (
-            config.l1_weight * parts["l1"]
-            + config.mse_weight * parts["mse"]
-            + config.edge_weight * parts["edge"]
-            + config.latent_reg_weight * reg
-        )
+        loss, parts, _, _ = autoencoder_loss(config, taesd, images)
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
@@ -146,12 +128,8 @@ def render(results: dict[str, dict[str, dict[str, float]]], config: CapacityConf
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_config(CapacityConfig, args.config, args.overrides)
+def run(config: CapacityConfig) -> Path:
+    """Measure every variant; write results.json and report.md into output_dir; returns the report."""
     results = measure(config)
     out = Path(config.output_dir)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -159,6 +137,10 @@ def main(argv: list[str] | None = None) -> Path:
     report.write_text(render(results, config))
     print(report.read_text())
     return report
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return recipe_main(CapacityConfig, run, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

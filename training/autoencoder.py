@@ -75,6 +75,25 @@ def latent_regulariser(latents: torch.Tensor) -> torch.Tensor:
     return (mean**2 + std.log() ** 2).mean()
 
 
+def autoencoder_loss(
+    config: AutoencoderConfig, taesd: AutoencoderTiny, images: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The recipe's loss on one batch: the weighted reconstruction of noised latents plus the latent
+    regulariser. Returns (loss, its reconstruction parts, the regulariser, the latents)."""
+    latents = taesd.encode(images).latents
+    sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
+    recon = taesd.decode(latents + sigma * torch.randn_like(latents)).sample
+    parts = reconstruction_losses(recon, images)
+    reg = latent_regulariser(latents)
+    loss = (
+        config.l1_weight * parts["l1"]
+        + config.mse_weight * parts["mse"]
+        + config.edge_weight * parts["edge"]
+        + config.latent_reg_weight * reg
+    )
+    return loss, parts, reg, latents
+
+
 def train(config: AutoencoderConfig) -> Path:
     """Train (or resume) the autoencoder; writes output_dir/final/taesd/ and returns output_dir/final."""
     torch.manual_seed(config.seed)
@@ -89,17 +108,7 @@ def train(config: AutoencoderConfig) -> Path:
 
     def step(_: int) -> dict[str, float]:
         images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
-        latents = taesd.encode(images).latents
-        sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
-        recon = taesd.decode(latents + sigma * torch.randn_like(latents)).sample
-        parts = reconstruction_losses(recon, images)
-        reg = latent_regulariser(latents)
-        loss = (
-            config.l1_weight * parts["l1"]
-            + config.mse_weight * parts["mse"]
-            + config.edge_weight * parts["edge"]
-            + config.latent_reg_weight * reg
-        )
+        loss, parts, reg, latents = autoencoder_loss(config, taesd, images)
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
