@@ -1,4 +1,5 @@
-"""The paraphrase spread's phrasings really are unseen: no content word shared with any training phrasing."""
+"""The edits' phrasings as data (training/phrasings.json) and the paraphrase spread's unseen phrasings, which share
+no content word with any training phrasing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.edits import EDITS, Edit, black_and_white
+from training.edits import EDIT_FUNCTIONS, EDITS, PHRASINGS_FILE, Edit, black_and_white, load_edits
 from training.paraphrases import PHRASINGS_PER_EDIT, content_words, load_unseen_phrasings
 
 
@@ -33,3 +34,25 @@ def test_a_file_with_too_few_phrasings_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"function_words": ["a"], "phrasings": {"sepia": ["a", "b", "c", "d"]}}))
     with pytest.raises(ValueError, match="sepia needs 5 distinct phrasings"):
         load_unseen_phrasings(path)
+
+
+def test_the_phrasings_file_gives_every_edit_its_operation_and_keeps_held_out_phrasings_out_of_training() -> None:
+    data = json.loads(PHRASINGS_FILE.read_text())
+    assert list(data["edits"]) == list(EDIT_FUNCTIONS) == [e.name for e in EDITS]
+    for edit in EDITS:
+        entry = data["edits"][edit.name]
+        assert edit.fn is EDIT_FUNCTIONS[edit.name]
+        assert edit.phrasings[0] == entry["handwritten"][0], "the first handwritten phrasing is the canonical one"
+        assert len(edit.held_out) == 2 and not set(edit.held_out) & set(edit.phrasings)
+        assert len(edit.phrasings) == len(set(edit.phrasings)) > 50
+        for key in ("handwritten", "figurative", "adjectives", "nouns"):
+            assert entry[key] and all(p.strip() == p and p for p in entry[key]), (edit.name, key)
+
+
+def test_an_edit_the_file_names_without_an_operation_is_refused(tmp_path: Path) -> None:
+    data = json.loads(PHRASINGS_FILE.read_text())
+    data["edits"]["oil_painting"] = data["edits"]["sepia"]
+    path = tmp_path / "phrasings.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="oil_painting"):
+        load_edits(path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -185,432 +187,44 @@ class Edit:
         return self.fn(images)
 
 
-# Templates that turn an edit's descriptors into many more training phrasings (held-out ones stay unseen).
-_ADJECTIVE_TEMPLATES = (
-    "make it {}",
-    "make it look {}",
-    "turn it {}",
-    "make the image {}",
-    "make everything {}",
-    "{} please",
-    "can you make it {}",
-    "i want it {}",
-    "make the video {}",
-    "{}",
-)
-_NOUN_TEMPLATES = (
-    "turn it into {}",
-    "make it look like {}",
-    "make it {}",
-    "convert it to {}",
-    "transform it into {}",
-    "make this {}",
-    "{}",
-    "show it as {}",
-    "{} style",
-    "i want {}",
-)
-
-# Per edit: adjectives and noun phrases that describe it (none repeats a held-out phrasing's key words).
-_DESCRIPTORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "black_and_white": (
-        ("black and white", "monochrome", "grayscale", "greyscale", "colorless", "black-and-white"),
-        ("a black and white photo", "a grayscale picture", "a monochrome image", "an old black and white movie"),
-    ),
-    "sepia": (
-        ("sepia", "sepia toned", "vintage", "antique", "old-fashioned", "aged"),
-        ("an old photograph", "a sepia photo", "a vintage photograph", "an antique picture", "a photo from the 1920s"),
-    ),
-    "negative": (
-        ("inverted", "negative", "color inverted", "colour inverted", "reversed"),
-        ("a negative", "a photo negative", "a film negative", "an inverted image"),
-    ),
-    "pencil_sketch": (
-        ("sketched", "pencil drawn", "hand drawn", "drawn in graphite"),
-        ("a pencil sketch", "a pencil drawing", "a graphite drawing", "a charcoal sketch", "a sketchbook page"),
-    ),
-    "pop_art": (
-        ("pop art", "posterized", "warhol style", "flat and colorful", "comic-book colored"),
-        ("pop art", "a warhol print", "a screen print", "a poster with bold flat colors"),
-    ),
-    "warm_sunset": (
-        ("warm", "golden", "sunset colored", "orange tinted", "warmer", "sun-kissed"),
-        ("a sunset", "golden hour", "a warm summer evening", "warm orange light", "a sunset photo"),
-    ),
-    "cold_winter": (
-        ("cold", "wintry", "chilly", "blue tinted", "colder", "freezing"),
-        ("winter", "a cold winter day", "a snowy scene", "a cold blue photo", "the arctic"),
-    ),
-    "thermal": (
-        ("thermal", "infrared", "heat-mapped", "false colored"),
-        ("a thermal image", "a heat map", "an infrared photo", "a thermal camera view", "a thermogram"),
-    ),
-    "night_vision": (
-        ("night vision", "night-vision green", "like night vision"),
-        ("night vision", "a night vision camera", "a night vision goggles view", "a green night scope image"),
-    ),
-    "cartoon": (
-        ("cartoonish", "animated", "cel shaded", "comic style", "toon shaded"),
-        ("a cartoon", "an animation still", "a comic strip", "a cartoon drawing", "an anime frame"),
-    ),
-    "dreamy_blur": (
-        ("dreamy", "blurry", "soft", "glowing", "ethereal", "out of focus"),
-        ("a dream", "soft focus", "a blurry dream", "a glowing soft photo", "a dreamscape"),
-    ),
-    "emboss": (
-        ("embossed", "engraved", "carved", "stamped", "in relief"),
-        ("a relief", "a stone carving", "a bas-relief", "embossed metal", "an engraving"),
-    ),
+#: Each edit's exact operation, by the name its phrasings go by in PHRASINGS_FILE.
+EDIT_FUNCTIONS: dict[str, EditFn] = {
+    "black_and_white": black_and_white,
+    "sepia": sepia,
+    "negative": negative,
+    "pencil_sketch": pencil_sketch,
+    "pop_art": pop_art,
+    "warm_sunset": warm_sunset,
+    "cold_winter": cold_winter,
+    "thermal": thermal,
+    "night_vision": night_vision,
+    "cartoon": cartoon,
+    "dreamy_blur": dreamy_blur,
+    "emboss": emboss,
 }
 
-
-# Per edit: phrasings that describe it by its effect or by a comparison, which no template produces. v1 learnt
-# only descriptor words and missed both metaphorical held-out phrasings (emboss "…grey clay", B&W "drain the
-# colour…"); these teach the same kind of wording without using a held-out phrasing's key words.
-_FIGURATIVE: dict[str, tuple[str, ...]] = {
-    "black_and_white": (
-        "take every colour away",
-        "wash all the colour out",
-        "strip out the colours",
-        "only shades of grey",
-        "like an old newspaper photo",
-        "leave only light and shadow",
-        "as if colour had never been invented",
-    ),
-    "sepia": (
-        "make it look a hundred years old",
-        "like a yellowed old print",
-        "as if it were found in an attic",
-        "a tea-stained old photo",
-        "like a photo from the wild west",
-    ),
-    "negative": (
-        "turn light into dark and dark into light",
-        "like looking at undeveloped film",
-        "make the darks bright and the brights dark",
-        "every colour turned inside out",
-        "the opposite of every colour",
-    ),
-    "pencil_sketch": (
-        "draw it in graphite on white paper",
-        "like a drawing in a notebook",
-        "make it look scribbled with a pencil",
-        "a quick hand sketch",
-        "shade it like a pencil portrait",
-    ),
-    "pop_art": (
-        "make it loud like a comic cover",
-        "bright primary colours only",
-        "like a silkscreen in bold inks",
-        "make it look like a lichtenstein painting",
-        "punchy saturated flat colours",
-    ),
-    "warm_sunset": (
-        "make it feel like a beach at dusk",
-        "add a golden summer glow",
-        "like the light just before the sun goes down",
-        "make it honey coloured",
-        "give it a warm glow",
-    ),
-    "cold_winter": (
-        "make it feel like a snowstorm",
-        "as if it were freezing outside",
-        "like a scene from the north pole",
-        "give it a frozen blue chill",
-        "make it look like an ice palace",
-    ),
-    "thermal": (
-        "show me where it is hot and cold",
-        "like a firefighter's heat camera",
-        "make people glow by their body heat",
-        "heat vision",
-        "make it look like an infrared heat picture",
-    ),
-    "night_vision": (
-        "like spy camera footage at night",
-        "see in the dark with green goggles",
-        "make it look like a night-time surveillance camera",
-        "green tinted low light view",
-        "like a nighttime security camera",
-    ),
-    "cartoon": (
-        "make it look hand-animated",
-        "like a frame from a kids' cartoon show",
-        "turn the people into cartoon characters",
-        "give it bold outlines and flat colours",
-        "like a comic book panel",
-    ),
-    "dreamy_blur": (
-        "make it look like a fairy tale",
-        "like a soft glowing dream sequence",
-        "make it fuzzy and heavenly",
-        "blur it like a daydream",
-        "give it a soft halo of light",
-    ),
-    "emboss": (
-        "make it look like a coin",
-        "sculpt it out of stone",
-        "raise it off the surface like a medal",
-        "make it look like a plaster cast",
-        "mould it in grey metal",
-        "like an engraving on a coin",
-    ),
-}
+#: The edits' phrasings as data: handwritten, figurative, descriptors for the templates, held out.
+PHRASINGS_FILE = Path(__file__).with_name("phrasings.json")
 
 
-def _phrasings(name: str, handwritten: tuple[str, ...]) -> tuple[str, ...]:
-    """The handwritten phrasings first (the first is the canonical one), the figurative ones, then the templated."""
-    adjectives, nouns = _DESCRIPTORS[name]
-    generated = [t.format(a) for a in adjectives for t in _ADJECTIVE_TEMPLATES]
-    generated += [t.format(n) for n in nouns for t in _NOUN_TEMPLATES]
-    return tuple(dict.fromkeys([*handwritten, *_FIGURATIVE[name], *generated]))
+def load_edits(path: Path = PHRASINGS_FILE) -> tuple[Edit, ...]:
+    """The edits in the file's order. Training phrasings: handwritten, figurative, then each adjective through
+    each adjective template and each noun through each noun template, first occurrence kept (the order fixes
+    what a seeded run samples)."""
+    data = json.loads(path.read_text())
+    if list(data["edits"]) != list(EDIT_FUNCTIONS):
+        raise ValueError(f"{path} names edits {list(data['edits'])}; the operations are {list(EDIT_FUNCTIONS)}")
+    adjective_templates, noun_templates = data["templates"]["adjective"], data["templates"]["noun"]
+    edits = []
+    for name, entry in data["edits"].items():
+        generated = [t.format(a) for a in entry["adjectives"] for t in adjective_templates]
+        generated += [t.format(n) for n in entry["nouns"] for t in noun_templates]
+        phrasings = tuple(dict.fromkeys([*entry["handwritten"], *entry["figurative"], *generated]))
+        edits.append(Edit(name, EDIT_FUNCTIONS[name], phrasings, tuple(entry["held_out"])))
+    return tuple(edits)
 
 
-EDITS: tuple[Edit, ...] = (
-    Edit(
-        "black_and_white",
-        black_and_white,
-        _phrasings(
-            "black_and_white",
-            (
-                "make it black and white",
-                "turn it black and white",
-                "black and white please",
-                "convert to grayscale",
-                "make it grayscale",
-                "remove all the colors",
-                "make it monochrome",
-                "a black and white photo",
-                "desaturate it completely",
-                "turn it into a noir film",
-                "make it look like a black-and-white movie",
-            ),
-        ),
-        ("drain the colour out of the picture", "classic monochrome film look"),
-    ),
-    Edit(
-        "sepia",
-        sepia,
-        _phrasings(
-            "sepia",
-            (
-                "make it look like an old photograph",
-                "sepia please",
-                "make it sepia",
-                "apply a sepia tone",
-                "turn it into an old photo",
-                "make it vintage",
-                "make it look antique",
-                "give it a nineteenth century photo look",
-                "an old faded brown photograph",
-                "make it look like a photo from 1900",
-                "add an old-timey sepia filter",
-            ),
-        ),
-        ("make it look like a faded picture from grandma's album", "retro brownish photo"),
-    ),
-    Edit(
-        "negative",
-        negative,
-        _phrasings(
-            "negative",
-            (
-                "make it a negative",
-                "invert the colors",
-                "invert it",
-                "turn it into a photo negative",
-                "show the film negative",
-                "reverse all the colours",
-                "make an inverted image",
-                "color inversion",
-                "flip the colors to their opposites",
-                "like a negative film strip",
-            ),
-        ),
-        ("swap every colour for its opposite", "photographic negative"),
-    ),
-    Edit(
-        "pencil_sketch",
-        pencil_sketch,
-        _phrasings(
-            "pencil_sketch",
-            (
-                "make it a pencil sketch",
-                "turn it into a pencil drawing",
-                "draw it with a pencil",
-                "make it look like a sketch",
-                "a graphite sketch",
-                "sketch it",
-                "make a pencil drawing of it",
-                "turn this into a hand-drawn sketch",
-                "make it look drawn in pencil on paper",
-                "charcoal sketch style",
-            ),
-        ),
-        ("an artist's rough pencil study", "convert it to a line sketch"),
-    ),
-    Edit(
-        "pop_art",
-        pop_art,
-        _phrasings(
-            "pop_art",
-            (
-                "make it pop art",
-                "pop art style",
-                "posterize it",
-                "make it look like a warhol print",
-                "turn it into a poster with bold colors",
-                "make it comic book pop art",
-                "bold flat saturated colours",
-                "make it look like a screen print",
-                "andy warhol style",
-                "make the colors loud and flat",
-            ),
-        ),
-        ("a vivid posterized print", "sixties pop-art poster"),
-    ),
-    Edit(
-        "warm_sunset",
-        warm_sunset,
-        _phrasings(
-            "warm_sunset",
-            (
-                "make it warm like a sunset",
-                "give it a warm sunset tone",
-                "golden hour lighting",
-                "make it look like sunset",
-                "warm it up",
-                "make the colors warmer",
-                "add an orange glow",
-                "make it look like evening sunlight",
-                "warm golden tones",
-                "make it feel like a summer evening",
-            ),
-        ),
-        ("bathe it in late afternoon sun", "a cosy warm colour grade"),
-    ),
-    Edit(
-        "cold_winter",
-        cold_winter,
-        _phrasings(
-            "cold_winter",
-            (
-                "make it cold like winter",
-                "give it a cold winter tone",
-                "make it look icy",
-                "cool the colors down",
-                "make it blue and cold",
-                "make it look like a frozen winter day",
-                "add a chilly blue tint",
-                "make it feel freezing",
-                "arctic color grade",
-                "make the colors colder",
-            ),
-        ),
-        ("a frosty january morning look", "icy blue colour grade"),
-    ),
-    Edit(
-        "thermal",
-        thermal,
-        _phrasings(
-            "thermal",
-            (
-                "make it look like a thermal camera",
-                "thermal imaging",
-                "show it as a heat map",
-                "infrared thermal vision",
-                "make it a thermal image",
-                "false color heat camera",
-                "like a predator heat vision",
-                "show the temperature colors",
-                "thermographic camera view",
-                "make it look like a FLIR camera",
-            ),
-        ),
-        ("see it through a heat-sensing camera", "thermal scan"),
-    ),
-    Edit(
-        "night_vision",
-        night_vision,
-        _phrasings(
-            "night_vision",
-            (
-                "make it night vision",
-                "night vision goggles",
-                "make it look like night vision",
-                "green night vision camera",
-                "show it through night vision",
-                "military night vision look",
-                "make it green like a night scope",
-                "low light green camera",
-                "view it with night vision glasses",
-                "make it look like a night camera",
-            ),
-        ),
-        ("as seen through a soldier's night-sight", "green phosphor night view"),
-    ),
-    Edit(
-        "cartoon",
-        cartoon,
-        _phrasings(
-            "cartoon",
-            (
-                "make it a cartoon",
-                "turn it into a cartoon",
-                "cartoon style",
-                "make it look animated",
-                "make it look like a comic",
-                "cel shaded cartoon",
-                "draw it as a cartoon with black outlines",
-                "make it look like an animated movie",
-                "toon style",
-                "turn this into a comic strip",
-            ),
-        ),
-        ("make it look like a saturday morning cartoon", "flat colours with ink outlines"),
-    ),
-    Edit(
-        "dreamy_blur",
-        dreamy_blur,
-        _phrasings(
-            "dreamy_blur",
-            (
-                "make it dreamy",
-                "add a dreamy blur",
-                "soft focus",
-                "make it soft and glowing",
-                "give it a dream-like glow",
-                "make it blurry and dreamy",
-                "add a soft glow",
-                "make it look like a dream",
-                "hazy romantic soft focus",
-                "make it ethereal",
-            ),
-        ),
-        ("like a hazy memory", "a soft misty glow"),
-    ),
-    Edit(
-        "emboss",
-        emboss,
-        _phrasings(
-            "emboss",
-            (
-                "emboss it",
-                "make it embossed",
-                "apply an emboss filter",
-                "make it look like a relief",
-                "carve it in stone",
-                "make it look like embossed metal",
-                "turn it into a grey relief",
-                "make it look stamped into paper",
-                "bas-relief style",
-                "make it look engraved",
-            ),
-        ),
-        ("press it into a sheet of grey clay", "an embossed grey surface"),
-    ),
-)
-
+EDITS: tuple[Edit, ...] = load_edits()
 EDITS_BY_NAME: dict[str, Edit] = {edit.name: edit for edit in EDITS}
 
 
