@@ -32,10 +32,11 @@ from training.checkpoint import checkpoint_paths
 from training.config import UNetSpec
 from training.data import DEFAULT_MEDIA_DIR
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_penalty
+from training.draws import row_weighted_mse, row_weights, sample_timesteps
 from training.edits import EDITS as ALL_EDITS
 from training.edits import get_edits
 from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
-from training.guidance_distill import GuidanceDistillConfig, row_weighted_mse, row_weights
+from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
 from training.model_card import main as model_card
@@ -44,7 +45,7 @@ from training.paraphrases import load_unseen_phrasings
 from training.probe import main as probe
 from training.prompts import HashPromptEncoder
 from training.ship_default import ship
-from training.teacher import TeacherConfig, conditioning_dropout, sample_timesteps
+from training.teacher import TeacherConfig, conditioning_dropout
 from training.teacher import train as train_teacher
 
 C = TypeVar("C")

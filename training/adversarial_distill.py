@@ -15,7 +15,7 @@ from training.batches import keep_first_token, make_edit_sampler, mix_contexts
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
-from training.guidance_distill import row_weighted_mse, row_weights, sample_scales
+from training.draws import row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training
 from training.models import load_editor_model, save_final_editor
 

@@ -13,9 +13,9 @@ from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
 from training.batches import keep_first_token, make_edit_sampler, mix_contexts
 from training.config import EditTrainConfig, recipe_main
+from training.draws import row_weighted_mse, row_weights, sample_scales, sample_timesteps
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
-from training.teacher import sample_timesteps
 
 
 class GuidanceDistillConfig(EditTrainConfig):
@@ -65,28 +65,6 @@ class GuidanceDistillConfig(EditTrainConfig):
         if self.guidance_embedding_dim % 2:
             raise ValueError(f"guidance_embedding_dim must be even, got {self.guidance_embedding_dim}")
         return self
-
-
-def sample_scales(
-    rng: np.random.Generator, batch: int, text_range: tuple[float, float], image_range: tuple[float, float]
-) -> torch.Tensor:
-    """(B, 2) rows of (s_T, s_I), each uniform in its range."""
-    s_t = rng.uniform(text_range[0], text_range[1], batch)
-    s_i = rng.uniform(image_range[0], image_range[1], batch)
-    return torch.from_numpy(np.stack([s_t, s_i], 1)).float()
-
-
-def row_weights(scales: torch.Tensor, relative_text_scale: bool) -> torch.Tensor:
-    """(B,) loss weights: 1/max(1, s_T)² per row when `relative_text_scale`, else ones."""
-    if not relative_text_scale:
-        return torch.ones(scales.shape[0])
-    return 1.0 / scales[:, 0].clamp(min=1.0) ** 2
-
-
-def row_weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of weight × the row's mean squared error (equal weights: plain MSE)."""
-    per_row = (prediction - target).pow(2).flatten(1).mean(1)
-    return (per_row * weights).sum() / weights.numel()
 
 
 def _initial_student(config: GuidanceDistillConfig, teacher_unet: torch.nn.Module) -> torch.nn.Module:

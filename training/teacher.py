@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from engines.unet import GuidedUNet
 from training.batches import keep_first_token, make_edit_sampler
 from training.config import EditTrainConfig, UNetSpec, recipe_main
+from training.draws import sample_timesteps
 from training.loop import clip_and_step, run_training, unet_train_state
 from training.models import (
     editor_config,
@@ -63,13 +64,6 @@ def conditioning_dropout(
     image_only = (r >= text) & (r < text + image)
     both_dropped = (r >= text + image) & (r < text + image + both)
     return text_only | both_dropped, image_only | both_dropped
-
-
-def sample_timesteps(rng: np.random.Generator, batch: int, num_train: int, high_t_probability: float) -> torch.Tensor:
-    """Uniform timesteps, with a share set to the last one (the one-step student's)."""
-    t = rng.integers(0, num_train, size=batch)
-    t[rng.random(batch) < high_t_probability] = num_train - 1
-    return torch.from_numpy(t).long()
 
 
 def train(config: TeacherConfig) -> Path:
