@@ -23,7 +23,7 @@ from engines.model import EditorModel, load_codec
 from engines.params import EditParams
 from engines.temporal import StreamState
 from engines.text import CachedPromptEncoder
-from training.adversarial_distill import AdversarialDistillConfig, logit_normal_timesteps
+from training.adversarial_distill import AdversarialDistillConfig, build_step, logit_normal_timesteps
 from training.adversarial_distill import train as train_adversarial
 from training.autoencoder import AutoencoderConfig
 from training.autoencoder import train as train_autoencoder
@@ -261,6 +261,40 @@ def test_adversarial_student_learns_resumes_and_runs_in_the_service_editor(stage
     weak, strong = _edit(editor, frame, 0.0), _edit(editor, frame, 3.0)
     assert weak.shape == frame.shape and weak.dtype == np.uint8
     assert not np.array_equal(weak, strong), "s_T has no effect on the one-step student"
+
+
+def test_one_adversarial_step_on_its_own(stages: dict[str, Path], tmp_path: Path) -> None:
+    config = AdversarialDistillConfig.model_validate(
+        tiny(
+            tmp_path / "step",
+            4,
+            student_init=stages["guidance_distill"],
+            target_steps=2,
+            disc_hidden=8,
+            r1_every=2,
+            anchor_probability=1.0,  # every row anchored: its target is the exact edit's latents
+            prompts=PROMPTS,
+            edits=EDITS,
+            resolution=64,
+        )
+    )
+    step, _ = build_step(config)
+    rows = step.draw()
+    assert bool(rows.anchored.all()) and torch.equal(rows.scales, torch.ones_like(rows.scales))
+    with torch.no_grad():
+        exact = step.taesd.encode(rows.targets).latents
+    targets = step.distillation_targets(rows)
+    expected = torch.where(rows.empty[:, None, None, None], rows.z_image, exact)
+    assert torch.allclose(targets, expected, atol=1e-5)
+    heads_before = [p.detach().clone() for p in step.heads.parameters()]
+    student_before = [p.detach().clone() for p in step.student.unet.parameters()]
+    with_r1, without_r1 = step(0), step(1)  # r1_every=2: the lazy penalty runs on even steps only
+    assert with_r1["r1"] > 0 and without_r1["r1"] == 0
+    assert list(with_r1) == ["mse", "g_adv", "d_loss", "d_real", "d_fake", "r1", "grad_norm"]
+    assert all(np.isfinite(v) for v in (*with_r1.values(), *without_r1.values()))
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, step.heads.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, step.student.unet.parameters(), strict=True))
+    assert all(p.grad is None for p in step.heads.parameters()), "the student's pass left gradients on the heads"
 
 
 def test_resumed_run_matches_an_uninterrupted_one_exactly(stages: dict[str, Path], tmp_path: Path) -> None:

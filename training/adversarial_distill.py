@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderTiny
 from pydantic import Field, model_validator
 
+from engines.config import EditorConfig
 from engines.model import EditorModel
-from engines.sampling import student_start, teacher_sample
-from training.batches import keep_first_token, make_edit_sampler, mix_contexts
+from engines.sampling import NoiseSchedule, student_start, teacher_sample
+from engines.unet import GuidedUNet
+from training.batches import EditBatchSampler, keep_first_token, make_edit_sampler, mix_contexts
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
@@ -79,8 +83,168 @@ def _frozen_copy(model: EditorModel) -> EditorModel:
     return frozen
 
 
+@dataclass
+class DistillationRows:
+    """One batch as the stage sees it: image latents, contexts, guidance scales, and which rows are anchored
+    (target: the exact edit) or have the empty prompt."""
+
+    z_image: torch.Tensor
+    cond: torch.Tensor
+    context: torch.Tensor
+    scales: torch.Tensor
+    anchored: torch.Tensor
+    empty: torch.Tensor
+    targets: torch.Tensor  # the exact edits in pixels, [-1, 1]
+
+
+@dataclass
+class AdversarialStep:
+    """One optimisation step of the stage: draw rows, make their targets, predict them in one step, update the
+    discriminator heads on real vs fake, then the student. Every RNG is drawn in one fixed order, so a seeded
+    run (and a resumed one) repeats bit for bit."""
+
+    config: AdversarialDistillConfig
+    rng: np.random.Generator
+    sampler: EditBatchSampler
+    schedule: NoiseSchedule
+    editor: EditorConfig
+    taesd: AutoencoderTiny
+    student: GuidedUNet
+    target: EditorModel
+    encoder: FrozenUNetEncoder
+    heads: DiscriminatorHeads
+    optimizer: torch.optim.Optimizer
+    disc_optimizer: torch.optim.Optimizer
+    ema: EMA | None
+
+    def __call__(self, i: int) -> dict[str, float]:
+        rows = self.draw()
+        x0_target = self.distillation_targets(rows)
+        x0 = self.one_step_prediction(rows)
+        # Real and fake re-noised at the same logit-normal t with the same noise.
+        num_train = len(self.schedule.alphas_cumprod)
+        c = self.config
+        t_d = logit_normal_timesteps(self.rng, x0.shape[0], num_train, c.logit_normal_mean, c.logit_normal_std)
+        noise_d = torch.randn_like(x0)
+        real_t = self.schedule.add_noise(x0_target, noise_d, t_d)
+        fake_t = self.schedule.add_noise(x0, noise_d, t_d)
+        disc = self.update_discriminator(i, rows, real_t, fake_t, t_d)
+        student = self.update_student(rows, x0, x0_target, fake_t, t_d)
+        # The loss log's column order, as before the step became a class.
+        return {"mse": student["mse"], "g_adv": student["g_adv"], **disc, "grad_norm": student["grad_norm"]}
+
+    def draw(self) -> DistillationRows:
+        c, rng = self.config, self.rng
+        b = self.sampler.sample(c.batch_size)
+        n = b.images.shape[0]
+        null = self.sampler.table.null
+        with torch.no_grad():
+            z_image = self.taesd.encode(b.images).latents
+        empty = torch.from_numpy(rng.random(n) < c.empty_prompt_probability)
+        context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
+        scales = sample_scales(rng, n, c.text_guidance_range, c.image_guidance_range)
+        anchored = torch.from_numpy(rng.random(n) < c.anchor_probability)
+        scales[anchored] = 1.0
+        if c.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
+            mixed = torch.from_numpy(rng.random(n) < c.context_mix_probability) & ~anchored
+            context = mix_contexts(context, mixed, rng)
+        cond = z_image * self.editor.image_latent_scale
+        return DistillationRows(z_image, cond, context, scales, anchored, empty, b.targets)
+
+    @torch.no_grad()
+    def distillation_targets(self, rows: DistillationRows) -> torch.Tensor:
+        """The target model's few-step samples; anchored rows get the exact edit (the input when empty)."""
+        x0_target = torch.empty_like(rows.z_image)
+        free = ~rows.anchored
+        if free.any():
+            x0_target[free] = teacher_sample(
+                self.target.unet,
+                self.schedule,
+                rows.cond[free],
+                rows.context[free],
+                self.sampler.table.null[None],
+                rows.scales[free, 0],
+                rows.scales[free, 1],
+                steps=self.config.target_steps,
+                guidance_distilled=self.target.config.distilled,
+            )
+        anchored = rows.anchored
+        if anchored.any():  # only the anchored rows' targets are encoded
+            exact = self.taesd.encode(rows.targets[anchored]).latents
+            x0_target[anchored] = torch.where(rows.empty[anchored, None, None, None], rows.z_image[anchored], exact)
+        return x0_target
+
+    def one_step_prediction(self, rows: DistillationRows) -> torch.Tensor:
+        """The student's x̂0 from pure noise at its timestep (with gradients)."""
+        n = rows.z_image.shape[0]
+        t_student = self.editor.student_timestep
+        x_start = student_start(self.schedule, torch.randn_like(rows.z_image), t_student, None)
+        ts = torch.full((n,), t_student, dtype=torch.long)
+        sentence_only = torch.from_numpy(self.rng.random(n) < self.config.sentence_only_probability)
+        student_context = keep_first_token(rows.context, sentence_only)
+        out = self.student(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)
+        return self.schedule.predict_x0(out, x_start, ts)
+
+    def update_discriminator(
+        self, i: int, rows: DistillationRows, real_t: torch.Tensor, fake_t: torch.Tensor, t_d: torch.Tensor
+    ) -> dict[str, float]:
+        """Hinge loss on the heads only (the encoder's features are fixed inputs), lazy R1 every r1_every."""
+        c = self.config
+        with torch.no_grad():
+            real_features = self.encoder(torch.cat([real_t, rows.cond], 1), t_d, rows.context, rows.scales)
+            fake_features = self.encoder(torch.cat([fake_t.detach(), rows.cond], 1), t_d, rows.context, rows.scales)
+        lazy_r1 = c.r1_weight > 0 and i % c.r1_every == 0
+        if lazy_r1:
+            real_features = [f.requires_grad_(True) for f in real_features]
+        d_real = self.heads(real_features, t_d, rows.scales, rows.context)
+        d_fake = self.heads(fake_features, t_d, rows.scales, rows.context)
+        d_loss = hinge_discriminator_loss(d_real, d_fake)
+        r1 = torch.zeros(())
+        if lazy_r1:
+            r1 = r1_penalty(d_real, real_features)
+            d_loss = d_loss + 0.5 * c.r1_weight * c.r1_every * r1
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        clip_and_step(self.disc_optimizer, list(self.heads.parameters()), c.grad_clip)
+        return {
+            "d_loss": float(d_loss.detach()),
+            "d_real": float(d_real.detach().mean()),
+            "d_fake": float(d_fake.detach().mean()),
+            "r1": float(r1.detach()),
+        }
+
+    def update_student(
+        self,
+        rows: DistillationRows,
+        x0: torch.Tensor,
+        x0_target: torch.Tensor,
+        fake_t: torch.Tensor,
+        t_d: torch.Tensor,
+    ) -> dict[str, float]:
+        """Reconstruction towards the target plus fooling the (now fixed) heads."""
+        c = self.config
+        g_features = self.encoder(torch.cat([fake_t, rows.cond], 1), t_d, rows.context, rows.scales)
+        g_adv = -self.heads(g_features, t_d, rows.scales, rows.context).mean()
+        mse = row_weighted_mse(x0, x0_target, row_weights(rows.scales, c.relative_text_scale_loss))
+        g_loss = c.mse_weight * mse + c.adversarial_weight * g_adv
+        g_loss.backward()
+        self.disc_optimizer.zero_grad(set_to_none=True)  # the generator's pass left gradients on the heads
+        unet = self.student.unet
+        norm = clip_and_step(self.optimizer, [p for p in unet.parameters() if p.requires_grad], c.grad_clip)
+        if self.ema is not None:
+            self.ema.update(unet)
+        return {"mse": float(mse.detach()), "g_adv": float(g_adv.detach()), "grad_norm": norm}
+
+
 def train(config: AdversarialDistillConfig) -> Path:
     """Train (or resume) the one-step student; writes output_dir/final and returns it."""
+    step, state = build_step(config)
+    run_training(config, state, step, "adversarial_distill")
+    return save_final_editor(config, step.editor, step.student.unet, step.ema, step.taesd, step.schedule)
+
+
+def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, TrainState]:
+    """The stage's models, optimisers and data, seeded, as one step and the state a checkpoint holds."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     init = load_editor_model(config.student_init, config.prompts)
@@ -96,7 +260,6 @@ def train(config: AdversarialDistillConfig) -> Path:
         else (load_editor_model(config.discriminator_backbone, config.prompts))
     )
     schedule = init.schedule
-    num_train = len(schedule.alphas_cumprod)
     editor = init.config.model_copy(update={"resolution": config.resolution})
     taesd = init.codec.taesd.requires_grad_(False)
     student = init.unet
@@ -117,93 +280,10 @@ def train(config: AdversarialDistillConfig) -> Path:
     sampler, _ = make_edit_sampler(
         config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
     )
-    null = sampler.table.null
-    t_student = editor.student_timestep
-
-    def step(i: int) -> dict[str, float]:
-        b = sampler.sample(config.batch_size)
-        n = b.images.shape[0]
-        with torch.no_grad():
-            z_image = taesd.encode(b.images).latents
-        empty = torch.from_numpy(rng.random(n) < config.empty_prompt_probability)
-        context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
-        scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
-        anchored = torch.from_numpy(rng.random(n) < config.anchor_probability)
-        scales[anchored] = 1.0
-        if config.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
-            mixed = torch.from_numpy(rng.random(n) < config.context_mix_probability) & ~anchored
-            context = mix_contexts(context, mixed, rng)
-        cond = z_image * editor.image_latent_scale
-        with torch.no_grad():
-            x0_target = torch.empty_like(z_image)
-            free = ~anchored
-            if free.any():
-                x0_target[free] = teacher_sample(
-                    target.unet,
-                    schedule,
-                    cond[free],
-                    context[free],
-                    null[None],
-                    scales[free, 0],
-                    scales[free, 1],
-                    steps=config.target_steps,
-                    guidance_distilled=target.config.distilled,
-                )
-            if anchored.any():  # only the anchored rows' targets are encoded
-                exact = taesd.encode(b.targets[anchored]).latents
-                x0_target[anchored] = torch.where(empty[anchored, None, None, None], z_image[anchored], exact)
-        x_start = student_start(schedule, torch.randn_like(z_image), t_student, None)
-        ts = torch.full((n,), t_student, dtype=torch.long)
-        sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability)
-        student_context = keep_first_token(context, sentence_only)
-        x0 = schedule.predict_x0(student(torch.cat([x_start, cond], 1), ts, student_context, scales), x_start, ts)
-
-        # Real and fake re-noised at the same logit-normal t with the same noise.
-        t_d = logit_normal_timesteps(rng, n, num_train, config.logit_normal_mean, config.logit_normal_std)
-        noise_d = torch.randn_like(x0)
-        real_t = schedule.add_noise(x0_target, noise_d, t_d)
-        fake_t = schedule.add_noise(x0, noise_d, t_d)
-
-        # Discriminator step: heads only; the encoder's features are fixed inputs here.
-        with torch.no_grad():
-            real_features = encoder(torch.cat([real_t, cond], 1), t_d, context, scales)
-            fake_features = encoder(torch.cat([fake_t.detach(), cond], 1), t_d, context, scales)
-        lazy_r1 = config.r1_weight > 0 and i % config.r1_every == 0
-        if lazy_r1:
-            real_features = [f.requires_grad_(True) for f in real_features]
-        d_real = heads(real_features, t_d, scales, context)
-        d_fake = heads(fake_features, t_d, scales, context)
-        d_loss = hinge_discriminator_loss(d_real, d_fake)
-        r1 = torch.zeros(())
-        if lazy_r1:
-            r1 = r1_penalty(d_real, real_features)
-            d_loss = d_loss + 0.5 * config.r1_weight * config.r1_every * r1
-        disc_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        clip_and_step(disc_optimizer, disc_params, config.grad_clip)
-
-        # Generator step: reconstruction towards the target plus fooling the (now fixed) heads.
-        g_features = encoder(torch.cat([fake_t, cond], 1), t_d, context, scales)
-        g_adv = -heads(g_features, t_d, scales, context).mean()
-        mse = row_weighted_mse(x0, x0_target, row_weights(scales, config.relative_text_scale_loss))
-        g_loss = config.mse_weight * mse + config.adversarial_weight * g_adv
-        g_loss.backward()
-        disc_optimizer.zero_grad(set_to_none=True)  # the generator's pass left gradients on the heads
-        norm = clip_and_step(optimizer, params, config.grad_clip)
-        if ema is not None:
-            ema.update(student_unet)
-        return {
-            "mse": float(mse.detach()),
-            "g_adv": float(g_adv.detach()),
-            "d_loss": float(d_loss.detach()),
-            "d_real": float(d_real.detach().mean()),
-            "d_fake": float(d_fake.detach().mean()),
-            "r1": float(r1.detach()),
-            "grad_norm": norm,
-        }
-
-    run_training(config, state, step, "adversarial_distill")
-    return save_final_editor(config, editor, student_unet, ema, taesd, schedule)
+    step = AdversarialStep(
+        config, rng, sampler, schedule, editor, taesd, student, target, encoder, heads, optimizer, disc_optimizer, ema
+    )
+    return step, state
 
 
 def main(argv: list[str] | None = None) -> Path:
