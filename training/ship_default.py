@@ -6,15 +6,16 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from engines.config import EditorConfig
 from engines.loader import PRESETS_NAME
 from engines.model import DEFAULT_MODEL_DIR
+from training.adversarial_distill import AdversarialDistillConfig
 from training.config import load_raw_config
 from training.edits import get_edits
 from training.model_card import CARD_NAME
-from training.models import FINAL_FOLDER, ran_config
+from training.models import FINAL_FOLDER
+from training.stage_configs import student_stage
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The operating point the distillation ranges are centred on: s_T = 1 is the exact edit, s_I = 1 the input's
@@ -26,30 +27,24 @@ def preset_title(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def stage_record(student: Path, config_dir: Path) -> dict[str, Any]:
-    """What the student's stage really ran (--set overrides included), else the committed adversarial config."""
-    stage = ran_config(student) or {}
-    return stage if "text_guidance_range" in stage else load_raw_config(config_dir / "default_adversarial_distill.yaml")
-
-
-def trained_ranges(stage: dict[str, Any]) -> dict[str, tuple[float, float]]:
+def trained_ranges(stage: AdversarialDistillConfig) -> dict[str, tuple[float, float]]:
     """The (s_T, s_I) ranges the student was last trained on."""
     return {
-        "trained_text_guidance": tuple(stage["text_guidance_range"]),
-        "trained_image_guidance": tuple(stage["image_guidance_range"]),
+        "trained_text_guidance": tuple(stage.text_guidance_range),
+        "trained_image_guidance": tuple(stage.image_guidance_range),
     }
 
 
-def presets(stage: dict[str, Any]) -> list[dict[str, str]]:
+def presets(stage: AdversarialDistillConfig) -> list[dict[str, str]]:
     """One preset per edit the student was trained on, prompted with the edit's canonical phrasing."""
-    return [{"name": preset_title(e.name), "prompt": e.phrasings[0]} for e in get_edits(stage.get("edits"))]
+    return [{"name": preset_title(e.name), "prompt": e.phrasings[0]} for e in get_edits(stage.edits)]
 
 
 def ship(student: Path, target: Path, config_dir: Path = CONFIG_DIR) -> Path:
     """Replace `target` with the student's folder plus editor.json defaults, presets.json and the model card."""
     if not (student / "unet" / "config.json").is_file():
         raise SystemExit(f"ship_default: {student} holds no trained student (run training.make_default first)")
-    stage = stage_record(student, config_dir)
+    stage = student_stage(student, config_dir)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(student, tmp)
