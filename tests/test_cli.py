@@ -14,12 +14,13 @@ def test_serve_help_lists_every_setting() -> None:
     result = run("-m", "streamedit.cli", "serve", "--help")
     assert result.returncode == 0
     for flag in ["--port", "--max-sessions", "--max-batch", "--backend", "--weights", "--ice-servers",
-                 "--ice-host-addresses", "--resolution", "--cuda-graph", "--precision"]:  # fmt: skip
+                 "--ice-host-addresses", "--resolution", "--cuda-graph", "--precision", "--replica"]:  # fmt: skip
         assert flag in result.stdout
 
 
 def test_bad_settings_are_reported_cleanly() -> None:
-    for args in (["--port", "99999"], ["--max-sessions", "lots"], ["--ice-servers", '[{"urls": 5}]']):
+    bad = (["--port", "99999"], ["--max-sessions", "lots"], ["--ice-servers", '[{"urls": 5}]'], ["--replica", "Pod_1"])
+    for args in bad:
         result = run("-m", "server", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "invalid settings" in result.stderr and "Traceback" not in result.stderr
