@@ -330,6 +330,7 @@ def save_screenshot(page: Any) -> Path:
 
 
 def test_page_streams_edits_and_applies_controls_live(server: Server, browser_context: Any, page: Any) -> None:
+    wait_for_room(server)
     console = ConsoleLog(page)
     patches: list[dict[str, Any]] = []
     page.on(
@@ -439,7 +440,17 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
         pytest.xfail("the loaded editor returns a flat (near-black) frame for every prompt: placeholder weights")
 
 
+def wait_for_room(server: Server) -> None:
+    """The server holds one session (--max-sessions 1): the previous test's must be gone before the next starts.
+    A closed page's session ends when its DELETE or the camera timeout reaches the server."""
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.base}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the server still holds the previous test's session after 20 s"
+        time.sleep(0.2)
+
+
 def test_leaving_the_page_ends_the_session(server: Server, page: Any) -> None:
+    wait_for_room(server)
     page.goto(server.base + "/")
     with page.expect_response(lambda r: r.url.endswith("/v1/sessions") and r.request.method == "POST") as created:
         page.click("#start")
