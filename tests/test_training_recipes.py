@@ -38,7 +38,7 @@ from training.edits import get_edits
 from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
 from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
-from training.loop import read_loss_log
+from training.loop import read_loss_log, unet_train_state
 from training.model_card import main as model_card
 from training.model_card import starts_from
 from training.paraphrases import load_unseen_phrasings
@@ -295,6 +295,32 @@ def test_one_adversarial_step_on_its_own(stages: dict[str, Path], tmp_path: Path
     assert any(not torch.equal(a, b) for a, b in zip(heads_before, step.heads.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(student_before, step.student.unet.parameters(), strict=True))
     assert all(p.grad is None for p in step.heads.parameters()), "the student's pass left gradients on the heads"
+
+
+def test_gradient_checkpointing_changes_no_loss_and_bf16_stays_close(stages: dict[str, Path], tmp_path: Path) -> None:
+    def run(name: str, **switches: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
+        config = TeacherConfig.model_validate(
+            tiny(tmp_path / name, 3, autoencoder=stages["autoencoder"], unet=TINY_UNET, prompts=PROMPTS, edits=EDITS)
+            | switches
+        )
+        final = train_teacher(config)
+        weights = EditorModel.from_pretrained(final, prompt_encoder=hash_encoder()).unet.unet.state_dict()
+        return [row["loss"] for row in read_loss_log(tmp_path / name)], weights
+
+    switched = TeacherConfig.model_validate(
+        tiny(tmp_path / "x", 2, autoencoder=stages["autoencoder"], unet=TINY_UNET, gradient_checkpointing=True)
+    )
+    unet = UNet2DConditionModel.from_config(switched.unet.diffusers_config(PROMPTS["hash_dim"]))
+    unet_train_state(switched, unet, np.random.default_rng(0))
+    assert unet.is_gradient_checkpointing
+    plain, plain_weights = run("plain")
+    checkpointed, checkpointed_weights = run("checkpointed", gradient_checkpointing=True)
+    # Recomputing activations in the backward pass gives the very same numbers on the CPU.
+    assert checkpointed == plain
+    assert all(torch.equal(v, checkpointed_weights[k]) for k, v in plain_weights.items())
+    bf16, _ = run("bf16", mixed_precision="bf16")
+    assert all(np.isfinite(bf16)) and bf16 != plain
+    assert abs(bf16[0] - plain[0]) < 0.05 * plain[0], (bf16[0], plain[0])  # the same first batch, in bf16
 
 
 def test_resumed_run_matches_an_uninterrupted_one_exactly(stages: dict[str, Path], tmp_path: Path) -> None:

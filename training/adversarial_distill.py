@@ -20,7 +20,7 @@ from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
 from training.draws import row_weighted_mse, row_weights, sample_scales
-from training.loop import EMA, clip_and_step, make_adamw, run_training
+from training.loop import EMA, clip_and_step, make_adamw, run_training, unet_precision
 from training.models import load_editor_model, save_final_editor
 
 
@@ -157,17 +157,19 @@ class AdversarialStep:
         x0_target = torch.empty_like(rows.z_image)
         free = ~rows.anchored
         if free.any():
-            x0_target[free] = teacher_sample(
-                self.target.unet,
-                self.schedule,
-                rows.cond[free],
-                rows.context[free],
-                self.sampler.table.null[None],
-                rows.scales[free, 0],
-                rows.scales[free, 1],
-                steps=self.config.target_steps,
-                guidance_distilled=self.target.config.distilled,
-            )
+            with unet_precision(self.config):
+                sampled = teacher_sample(
+                    self.target.unet,
+                    self.schedule,
+                    rows.cond[free],
+                    rows.context[free],
+                    self.sampler.table.null[None],
+                    rows.scales[free, 0],
+                    rows.scales[free, 1],
+                    steps=self.config.target_steps,
+                    guidance_distilled=self.target.config.distilled,
+                )
+            x0_target[free] = sampled.float()
         anchored = rows.anchored
         if anchored.any():  # only the anchored rows' targets are encoded
             exact = self.taesd.encode(rows.targets[anchored]).latents
@@ -182,8 +184,9 @@ class AdversarialStep:
         ts = torch.full((n,), t_student, dtype=torch.long)
         sentence_only = torch.from_numpy(self.rng.random(n) < self.config.sentence_only_probability)
         student_context = keep_first_token(rows.context, sentence_only)
-        out = self.student(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)
-        return self.schedule.predict_x0(out, x_start, ts)
+        with unet_precision(self.config):
+            out = self.student(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)
+        return self.schedule.predict_x0(out.float(), x_start, ts)
 
     def update_discriminator(
         self, i: int, rows: DistillationRows, real_t: torch.Tensor, fake_t: torch.Tensor, t_d: torch.Tensor

@@ -14,7 +14,7 @@ from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
 from training.batches import keep_first_token, make_edit_sampler, mix_contexts
 from training.config import EditTrainConfig, recipe_main
 from training.draws import row_weighted_mse, row_weights, sample_scales, sample_timesteps
-from training.loop import clip_and_step, run_training, unet_train_state
+from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
 
 
@@ -127,11 +127,13 @@ def train(config: GuidanceDistillConfig) -> Path:
         cond = z_image * editor.image_latent_scale
         t = sample_timesteps(rng, n, num_train, config.high_t_probability)
         x_t = schedule.add_noise(z_target, torch.randn_like(z_target), t)
-        with torch.no_grad():
+        with torch.no_grad(), unet_precision(config):
             guided = cfg_prediction(teacher, schedule, x_t, cond, t, context, null[None], scales[:, 0], scales[:, 1])
         sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability)
-        prediction = student(torch.cat([x_t, cond], 1), t, keep_first_token(context, sentence_only), scales)
-        loss = row_weighted_mse(prediction, guided, row_weights(scales, config.relative_text_scale_loss))
+        with unet_precision(config):
+            prediction = student(torch.cat([x_t, cond], 1), t, keep_first_token(context, sentence_only), scales)
+        weights = row_weights(scales, config.relative_text_scale_loss)
+        loss = row_weighted_mse(prediction.float(), guided.float(), weights)
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -80,8 +81,17 @@ def module_train_state(
 def unet_train_state(
     config: TrainConfig, unet: nn.Module, rng: object
 ) -> tuple[list[nn.Parameter], torch.optim.AdamW, EMA | None, TrainState]:
-    """module_train_state for a recipe that trains one UNet."""
+    """module_train_state for a recipe that trains one UNet (with gradient checkpointing if the config asks)."""
+    if getattr(config, "gradient_checkpointing", False):
+        unet.enable_gradient_checkpointing()  # type: ignore[operator]
     return module_train_state(config, unet, "unet", rng)
+
+
+def unet_precision(config: TrainConfig) -> contextlib.AbstractContextManager[object]:
+    """Where UNet passes run: under bf16 autocast when the config's mixed_precision says so, else as they are."""
+    if getattr(config, "mixed_precision", "no") == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> float:

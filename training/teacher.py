@@ -15,7 +15,7 @@ from engines.unet import GuidedUNet
 from training.batches import keep_first_token, make_edit_sampler
 from training.config import EditTrainConfig, UNetSpec, recipe_main
 from training.draws import sample_timesteps
-from training.loop import clip_and_step, run_training, unet_train_state
+from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import (
     editor_config,
     load_taesd,
@@ -110,8 +110,9 @@ def train(config: TeacherConfig) -> Path:
         t = sample_timesteps(rng, n, num_train, config.high_t_probability)
         noise = torch.randn_like(z_target)
         x_t = schedule.add_noise(z_target, noise, t)
-        prediction = model(torch.cat([x_t, cond], 1), t, context, torch.zeros(n, 2))
-        loss = F.mse_loss(prediction, native_target(schedule, z_target, noise, t))
+        with unet_precision(config):
+            prediction = model(torch.cat([x_t, cond], 1), t, context, torch.zeros(n, 2))
+        loss = F.mse_loss(prediction.float(), native_target(schedule, z_target, noise, t))
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
