@@ -17,14 +17,13 @@ from diffusers import AutoencoderTiny
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.editor import frames_to_tensor, tensor_to_frames
-from training.autoencoder import AutoencoderConfig, autoencoder_loss, edited_crops
+from training.autoencoder import AutoencoderConfig, autoencoder_loss, train_on_edited_crops
 from training.config import recipe_main
-from training.data import CropSampler, load_split, validation_frames
+from training.data import load_split, validation_frames
 from training.edits import get_edits
 from training.evaluate import apply_edit, scores
 from training.funnel import widen
 from training.funnel_decoder import taesd_plan, widened_taesd
-from training.loop import clip_and_step, module_train_state, run_training
 from training.models import load_taesd
 
 
@@ -58,25 +57,13 @@ def widened_start(start: AutoencoderTiny, variant: Variant, noise: float, seed: 
 def train_variant(config: CapacityConfig, variant: Variant) -> AutoencoderTiny:
     """Train (or resume) one variant under output_dir/<name>; returns its EMA (or itself)."""
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     taesd = widened_start(load_taesd(config.init_from), variant, config.widen_noise, config.seed).train()
-    params, optimizer, ema, state = module_train_state(config, taesd, "taesd", rng)
-    crops = CropSampler(load_split(config.data).train, config.data, rng)
-    edits = get_edits(config.edits)
 
-    def step(_: int) -> dict[str, float]:
-        images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
+    def loss_of(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss, parts, _, _ = autoencoder_loss(config, taesd, images)
-        loss.backward()
-        norm = clip_and_step(optimizer, params, config.grad_clip)
-        if ema is not None:
-            ema.update(taesd)
-        return {"loss": float(loss.detach()), "mse": float(parts["mse"].detach()), "grad_norm": norm}
+        return loss, {"mse": float(parts["mse"].detach())}
 
-    run_training(
-        config.model_copy(update={"output_dir": Path(config.output_dir) / variant.name}), state, step, variant.name
-    )
-    return (ema.shadow if ema is not None else taesd).eval()
+    return train_on_edited_crops(config, taesd, "taesd", variant.name, config.steps, config.seed, loss_of)
 
 
 @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,36 @@ def autoencoder_loss(
         + config.latent_reg_weight * reg
     )
     return loss, parts, reg, latents
+
+
+def train_on_edited_crops(
+    config: AutoencoderConfig,
+    module: torch.nn.Module,
+    name: str,
+    phase: str,
+    steps: int,
+    seed: int,
+    loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+) -> torch.nn.Module:
+    """Train (or resume) `module` (checkpointed as `name`) under output_dir/<phase> for `steps` on edited crops in
+    [-1, 1], with `loss_of(images)` giving the loss and its logged parts; returns the EMA (or the module itself).
+    The data's RNG is seeded here; torch's is the caller's to seed, before or after building `module`."""
+    phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
+    rng = np.random.default_rng(seed)
+    params, optimizer, ema, state = module_train_state(config, module, name, rng)
+    crops = CropSampler(load_split(config.data).train, config.data, rng)
+    edits = get_edits(config.edits)
+
+    def step(_: int) -> dict[str, float]:
+        loss, logged = loss_of(edited_crops(crops, edits, rng, config.batch_size, config.edit_probability))
+        loss.backward()
+        norm = clip_and_step(optimizer, params, config.grad_clip)
+        if ema is not None:
+            ema.update(module)
+        return {"loss": float(loss.detach()), **logged, "grad_norm": norm}
+
+    run_training(phase_config, state, step, phase)
+    return (ema.shadow if ema is not None else module).eval()
 
 
 def train(config: AutoencoderConfig) -> Path:

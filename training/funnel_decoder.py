@@ -10,38 +10,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderTiny
 from pydantic import Field
 from torch import nn
 
-from training.autoencoder import edited_crops, reconstruction_losses
-from training.config import TrainConfig, recipe_main
-from training.data import CropSampler, DataConfig, load_split
-from training.edits import get_edits
+from training.autoencoder import AutoencoderConfig, reconstruction_losses, train_on_edited_crops
+from training.config import recipe_main
 from training.funnel import Funnelled, FunnelPlan, coupled_singular_init, funnel, merge, widen
-from training.loop import clip_and_step, module_train_state, run_training
 from training.models import FINAL_FOLDER, load_taesd, save_taesd
 
 WIDE_FOLDER = "wide"
 FUNNEL_FOLDER = "funnel"
 
 
-class FunnelDecoderConfig(TrainConfig):
-    """A wider decoder's capacity at the served decoder's cost. `steps` counts the funnel phase."""
+class FunnelDecoderConfig(AutoencoderConfig):
+    """A wider decoder's capacity at the served decoder's cost, trained with the autoencoder recipe's loss and
+    data (its encoder frozen, so no latent regulariser). `steps` counts the funnel phase."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
     init_from: Path = Field(..., description="The TAESD folder to start from (its encoder is kept as it is).")
     wide_channels: int = Field(32, ge=1, description="Channels of every block of the wide decoder.")
     wide_steps: int = Field(..., ge=1, description="Steps of the wide phase.")
     widen_noise: float = Field(1e-2, ge=0, description="Std of the new channels' writers when widening.")
-    edits: list[str] | None = Field(None, description="Edits whose outputs are also decoded (None = all).")
-    edit_probability: float = Field(0.5, ge=0, le=1, description="Chance a crop is replaced by an edit's output.")
-    l1_weight: float = Field(1.0, ge=0, description="Pixel L1.")
-    mse_weight: float = Field(1.0, ge=0, description="Pixel MSE (what PSNR measures).")
-    edge_weight: float = Field(0.5, ge=0, description="L1 between image gradients (keeps edges sharp).")
-    latent_noise: float = Field(0.05, ge=0, description="Max σ of noise on latents before decoding.")
 
 
 def _sequential_plan(
@@ -123,30 +113,18 @@ def _decoder_phase(
     config: FunnelDecoderConfig, decoder: nn.Module, encoder: nn.Module, phase: str, steps: int, seed: int
 ) -> nn.Module:
     """Train `decoder` on the frozen encoder's latents of (edited) crops; returns its EMA (or itself)."""
-    phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    params, optimizer, ema, state = module_train_state(config, decoder, "decoder", rng)
-    crops = CropSampler(load_split(config.data).train, config.data, rng)
-    edits = get_edits(config.edits)
 
-    def step(_: int) -> dict[str, float]:
-        images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
+    def loss_of(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
             latents = encoder(images)
         sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
-        recon = decoder(latents + sigma * torch.randn_like(latents))
-        parts = reconstruction_losses(recon, images)
+        parts = reconstruction_losses(decoder(latents + sigma * torch.randn_like(latents)), images)
         loss = config.l1_weight * parts["l1"] + config.mse_weight * parts["mse"] + config.edge_weight * parts["edge"]
-        loss.backward()
-        norm = clip_and_step(optimizer, params, config.grad_clip)
-        if ema is not None:
-            ema.update(decoder)
         psnr = 10 * torch.log10(4.0 / parts["mse"].detach().clamp_min(1e-10))  # peak-to-peak 2 in [-1, 1]
-        return {"loss": float(loss.detach()), "psnr": float(psnr), "grad_norm": norm}
+        return loss, {"psnr": float(psnr)}
 
-    run_training(phase_config, state, step, f"funnel_decoder:{phase}")
-    return (ema.shadow if ema is not None else decoder).eval()
+    torch.manual_seed(seed)
+    return train_on_edited_crops(config, decoder, "decoder", phase, steps, seed, loss_of)
 
 
 def train(config: FunnelDecoderConfig) -> Path:
