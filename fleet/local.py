@@ -93,6 +93,7 @@ class LocalFleet:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="streamedit-fleet-"))
         self.log_dir = Path(log_dir or self.workdir)
         self.replicas: dict[str, subprocess.Popen[bytes]] = {}
+        self.addresses: dict[str, str] = {}  # replica name -> host:port
         self.nginx: subprocess.Popen[bytes] | None = None
         self.coturn: subprocess.Popen[bytes] | None = None
 
@@ -101,8 +102,7 @@ class LocalFleet:
         return f"http://{self.config.host}:{self.config.port}"
 
     def replica_url(self, name: str) -> str:
-        index = int(name.rsplit("-", 1)[1])
-        return f"http://{self.config.host}:{self.config.first_replica_port + index}"
+        return f"http://{self.addresses[name]}"
 
     def __enter__(self) -> LocalFleet:
         try:
@@ -127,7 +127,6 @@ class LocalFleet:
         turn_conf = self.workdir / "turnserver.conf"
         turn_conf.write_text(coturn_config(c, self.workdir))
         self.coturn = self._spawn("coturn", [str(TURNSERVER), "-c", str(turn_conf)])
-        replicas = []
         for i in range(c.replicas):
             name = c.replica_name(i)
             port = c.first_replica_port + i
@@ -150,11 +149,11 @@ class LocalFleet:
                 *c.replica_args,
             ]
             self.replicas[name] = self._spawn(name, argv)
-            replicas.append(Replica(name, f"{c.host}:{port}"))
+            self.addresses[name] = f"{c.host}:{port}"
         nginx_conf = self.workdir / "nginx.conf"
         nginx_conf.write_text(
             local_nginx_config(
-                replicas,
+                [Replica(name, address) for name, address in self.addresses.items()],
                 f"{c.host}:{c.port}",
                 str(self.workdir / "nginx.pid"),
                 str(self.workdir / "nginx-temp"),
