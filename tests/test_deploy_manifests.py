@@ -68,14 +68,14 @@ def test_replicas_name_themselves_and_probes_scrape_and_env_match_the_server() -
     assert pod["spec"]["hostNetwork"] is True and "nvidia.com/gpu" in container["resources"]["limits"]
     # Every STREAMEDIT_* variable is a setting, and the values make valid Settings.
     values = {
-        name.removeprefix("STREAMEDIT_").lower(): e["value"].replace("$(NODE_IP)", "10.0.0.7")
+        name.removeprefix("STREAMEDIT_").lower(): e["value"].replace("$(NODE_IP)", "127.0.0.7")
         for name, e in env.items()
         if name.startswith("STREAMEDIT_") and "value" in e
     }
     settings = Settings(
         **{k: json.loads(v) if v.startswith("[") else v for k, v in values.items()}, replica="streamedit-0"
     )
-    assert settings.ice_host_addresses == ["10.0.0.7"] and settings.udp_ports
+    assert settings.ice_host_addresses == ["127.0.0.7"] and settings.udp_ports
     # New sessions: ready replicas only; a session's calls: every replica, ready (not full) or not.
     service, pods = docs[("Service", NAMES.service)], docs[("Service", NAMES.pods_service)]
     assert service["spec"]["selector"] == pods["spec"]["selector"] == pod["metadata"]["labels"]
