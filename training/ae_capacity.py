@@ -16,12 +16,12 @@ import torch
 from diffusers import AutoencoderTiny
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.editor import frames_to_tensor, tensor_to_frames
+from engines.autoencoder import TinyCodec
 from training.autoencoder import AutoencoderConfig, autoencoder_loss, train_on_edited_crops
 from training.config import recipe_main
 from training.data import load_split, validation_frames
 from training.edits import get_edits
-from training.evaluate import apply_edit, scores
+from training.evaluate import apply_edit, autoencoder_round_trip, scores
 from training.funnel import widen
 from training.funnel_decoder import taesd_plan, widened_taesd
 from training.models import load_taesd
@@ -66,11 +66,6 @@ def train_variant(config: CapacityConfig, variant: Variant) -> AutoencoderTiny:
     return train_on_edited_crops(config, taesd, "taesd", variant.name, config.steps, config.seed, loss_of)
 
 
-@torch.inference_mode()
-def round_trip(taesd: AutoencoderTiny, frames: list[np.ndarray]) -> list[np.ndarray]:
-    return tensor_to_frames(taesd.decode(taesd.encode(frames_to_tensor(frames)).latents).sample)
-
-
 def measure(config: CapacityConfig) -> dict[str, dict[str, dict[str, float]]]:
     """Per variant (and the untouched start): round-trip PSNR, SSIM and sharpness on frames and edit targets."""
     if config.threads:
@@ -86,7 +81,7 @@ def measure(config: CapacityConfig) -> dict[str, dict[str, dict[str, float]]]:
     for name, taesd in models.items():
         results[name] = {}
         for set_name, targets in sets.items():
-            s = scores(round_trip(taesd, targets), targets, splits)
+            s = scores(autoencoder_round_trip(TinyCodec(taesd), targets), targets, splits)
             results[name][set_name] = {k: float(s[k]) for k in ("psnr", "ssim", "sharpness")}  # type: ignore[arg-type]
     return results
 

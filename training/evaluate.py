@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.autoencoder import Codec
 from engines.backends.base import Backend
 from engines.backends.torch_backend import TorchBackend
 from engines.editor import Editor, EditRequest, frames_to_tensor, tensor_to_frames
@@ -127,9 +128,9 @@ def scores(outputs: list[np.ndarray], targets: list[np.ndarray], splits: list[st
 
 
 @torch.inference_mode()
-def autoencoder_round_trip(model: EditorModel, frames: list[np.ndarray]) -> list[np.ndarray]:
-    """decode(encode(x)) through the model's own autoencoder: the best any UNet could do through it."""
-    return tensor_to_frames(model.codec.decode(model.codec.encode(frames_to_tensor(frames))))
+def autoencoder_round_trip(codec: Codec, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """decode(encode(x)) through an editor's autoencoder: the best any UNet could do through it."""
+    return tensor_to_frames(codec.decode(codec.encode(frames_to_tensor(frames))))
 
 
 def split_of(name: str, config: EvaluateConfig) -> str:
@@ -288,7 +289,7 @@ def evaluate(config: EvaluateConfig) -> Path:
         row: dict[str, object] = {
             "prompt": prompt,
             "input": scores(frames, targets, splits),
-            "autoencoder round trip": scores(autoencoder_round_trip(student_model, targets), targets, splits),
+            "autoencoder round trip": scores(autoencoder_round_trip(student_model.codec, targets), targets, splits),
         }
         outputs: dict[str, list[np.ndarray]] = {}
         for method in methods:
@@ -342,7 +343,7 @@ def evaluate(config: EvaluateConfig) -> Path:
         "config": json.loads(config.model_dump_json()),
         "frames": [n for n, _ in names_frames],
         "splits": splits,
-        "autoencoder_input": scores(autoencoder_round_trip(student_model, frames), frames, splits),
+        "autoencoder_input": scores(autoencoder_round_trip(student_model.codec, frames), frames, splits),
         "trained_unseen_clips": trained_unseen_clips(
             {
                 "one-step student": config.student,
