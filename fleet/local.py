@@ -218,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         epilog="Arguments after `--` go to every replica's `streamedit serve`, e.g. -- --max-sessions 2.",
     )
-    parser.add_argument("--replicas", type=int, default=2, help="replicas to start (default 2)")
-    parser.add_argument("--port", type=int, default=8080, help="the proxy's port: the fleet's one URL")
-    parser.add_argument("--first-replica-port", type=int, default=8101)
-    parser.add_argument("--first-udp-port", type=int, default=40000)
-    parser.add_argument("--turn-port", type=int, default=3478)
+    # The defaults are FleetConfig's own: one truth for where a local fleet listens.
+    parser.add_argument("--replicas", type=int, default=FleetConfig.replicas, help="replicas to start (%(default)s)")
+    parser.add_argument("--port", type=int, default=FleetConfig.port, help="the proxy's port: the fleet's one URL")
+    parser.add_argument("--first-replica-port", type=int, default=FleetConfig.first_replica_port)
+    parser.add_argument("--first-udp-port", type=int, default=FleetConfig.first_udp_port)
+    parser.add_argument("--turn-port", type=int, default=FleetConfig.turn_port)
     parser.add_argument("--log-dir", type=Path, default=None, help="where each process logs (default: a temp dir)")
     argv = list(sys.argv[1:] if argv is None else argv)
     replica_args: list[str] = []
