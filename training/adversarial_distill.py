@@ -15,10 +15,11 @@ from engines.config import EditorConfig
 from engines.model import EditorModel
 from engines.sampling import NoiseSchedule, student_start, teacher_sample
 from engines.unet import GuidedUNet
-from training.batches import EditBatchSampler, keep_first_token, make_edit_sampler, mix_contexts
+from training.batches import BatchSource, keep_first_token, make_batch_source, mix_contexts
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
+from training.distributed import Ranks, average_gradients, data_parallel, init_ranks, replicate
 from training.draws import row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training, unet_precision
 from training.models import load_editor_model, save_final_editor
@@ -105,17 +106,19 @@ class AdversarialStep:
 
     config: AdversarialDistillConfig
     rng: np.random.Generator
-    sampler: EditBatchSampler
+    sampler: BatchSource
     schedule: NoiseSchedule
     editor: EditorConfig
     taesd: AutoencoderTiny
     student: GuidedUNet
+    student_pass: torch.nn.Module  # the student as its forward pass runs: itself, or its DDP wrapper
     target: EditorModel
     encoder: FrozenUNetEncoder
     heads: DiscriminatorHeads
     optimizer: torch.optim.Optimizer
     disc_optimizer: torch.optim.Optimizer
     ema: EMA | None
+    ranks: Ranks
 
     def __call__(self, i: int) -> dict[str, float]:
         rows = self.draw()
@@ -185,7 +188,7 @@ class AdversarialStep:
         sentence_only = torch.from_numpy(self.rng.random(n) < self.config.sentence_only_probability)
         student_context = keep_first_token(rows.context, sentence_only)
         with unet_precision(self.config):
-            out = self.student(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)
+            out = self.student_pass(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)
         return self.schedule.predict_x0(out.float(), x_start, ts)
 
     def update_discriminator(
@@ -208,6 +211,7 @@ class AdversarialStep:
             d_loss = d_loss + 0.5 * c.r1_weight * c.r1_every * r1
         self.disc_optimizer.zero_grad(set_to_none=True)
         d_loss.backward()
+        average_gradients(self.ranks, list(self.heads.parameters()))
         clip_and_step(self.disc_optimizer, list(self.heads.parameters()), c.grad_clip)
         return {
             "d_loss": float(d_loss.detach()),
@@ -243,13 +247,14 @@ def train(config: AdversarialDistillConfig) -> Path:
     """Train (or resume) the one-step student; writes output_dir/final and returns it."""
     step, state = build_step(config)
     run_training(config, state, step, "adversarial_distill")
-    return save_final_editor(config, step.editor, step.student.unet, step.ema, step.taesd, step.schedule)
+    return save_final_editor(config, step.editor, step.student.unet, step.ema, step.taesd, step.schedule, step.ranks)
 
 
 def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, TrainState]:
     """The stage's models, optimisers and data, seeded, as one step and the state a checkpoint holds."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    ranks = init_ranks()
+    torch.manual_seed(ranks.seed(config.seed))
+    rng = np.random.default_rng(ranks.seed(config.seed))
     init = load_editor_model(config.student_init, config.prompts)
     if not init.config.distilled:
         raise ValueError(f"{config.student_init} has no guidance embedding; run guidance_distill first")
@@ -271,6 +276,8 @@ def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, Train
     bb_unet = copy.deepcopy(backbone.unet.unet)
     encoder = FrozenUNetEncoder(bb_unet, bb.guidance_embedding_dim, bb.guidance_embedding_scale)
     heads = DiscriminatorHeads(encoder.channels, config.prompts.dim, hidden=config.disc_hidden)
+    replicate(ranks, heads)  # trained outside DDP: its gradients are averaged by hand
+    student_pass = data_parallel(ranks, student)
     params = [p for p in student_unet.parameters() if p.requires_grad]
     disc_params = list(heads.parameters())
     optimizer = make_adamw(params, config.lr, config.weight_decay)
@@ -279,12 +286,24 @@ def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, Train
     ema = EMA(student_unet, config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         modules["ema"] = ema
-    state = TrainState(modules, {"unet": optimizer, "heads": disc_optimizer}, rng)
-    sampler, _ = make_edit_sampler(
-        config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
-    )
+    state = TrainState(modules, {"unet": optimizer, "heads": disc_optimizer}, rng, ranks=ranks)
+    sampler = make_batch_source(config, rng, state.extra, ranks)
     step = AdversarialStep(
-        config, rng, sampler, schedule, editor, taesd, student, target, encoder, heads, optimizer, disc_optimizer, ema
+        config,
+        rng,
+        sampler,
+        schedule,
+        editor,
+        taesd,
+        student,
+        student_pass,
+        target,
+        encoder,
+        heads,
+        optimizer,
+        disc_optimizer,
+        ema,
+        ranks,
     )
     return step, state
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from engines.text import CachedPromptEncoder
 from training.data import CropSampler, DataConfig, ImageSplit, load_split
 from training.edits import Edit, all_prompts, get_edits
-from training.prompts import PromptSpec, PromptTable, build_prompt_table
+from training.prompts import LazyPromptEncoder, PromptSpec, PromptTable, build_prompt_table
+from training.triplets import TripletStream
+
+if TYPE_CHECKING:
+    from training.config import EditTrainConfig
+    from training.distributed import Ranks
 
 PROMPT_CACHE = "prompt_contexts.pt"
 
@@ -82,6 +89,69 @@ def mix_contexts(context: torch.Tensor, rows: torch.Tensor, rng: np.random.Gener
         weight = torch.from_numpy(rng.random(len(picked))).to(context.dtype)[:, None, None]
         out[picked] = weight * context[picked] + (1 - weight) * context[partners]
     return out
+
+
+class TripletMix:
+    """Batches from real triplets, a `share` of them, and procedural edits the rest (one rng draw a batch when
+    both run); the same interface as EditBatchSampler, with every prompt encoded by the recipe's encoder."""
+
+    def __init__(
+        self,
+        triplets: TripletStream,
+        procedural: EditBatchSampler | None,
+        table: PromptTable,
+        share: float,
+        rng: np.random.Generator,
+    ) -> None:
+        self.triplets = triplets
+        self.procedural = procedural
+        self.table = table
+        self.share = share
+        self.rng = rng
+
+    def sample(self, batch_size: int) -> EditBatch:
+        if batch_size != self.triplets.batch_size:
+            raise ValueError(f"triplet batches are {self.triplets.batch_size} rows, {batch_size} asked")
+        if self.procedural is not None and self.rng.random() >= self.share:
+            return self.procedural.sample(batch_size)
+        b = self.triplets.next()
+        unknown = torch.full((len(b.prompts),), -1, dtype=torch.long)  # no procedural edit id
+        return EditBatch(b.images, b.targets, unknown, b.prompts, self.table(b.prompts))
+
+
+# What a recipe draws its batches from: procedural edits alone, or mixed with real triplets.
+BatchSource = EditBatchSampler | TripletMix
+
+
+def make_batch_source(
+    config: EditTrainConfig, rng: np.random.Generator, progress: dict[str, Any], ranks: Ranks
+) -> BatchSource:
+    """The recipe's batches: procedural edits (as make_edit_sampler), or with `config.triplets` this rank's share
+    of a real dataset (counted in `progress`, a checkpointed dict), mixed with procedural edits below share 1."""
+    if config.triplets is None:
+        sampler, _ = make_edit_sampler(
+            config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
+        )
+        return sampler
+    procedural = None
+    if config.triplets.share < 1:
+        procedural, _ = make_edit_sampler(
+            config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
+        )
+        table = procedural.table
+    else:
+        table = build_prompt_table(config.prompts, [], Path(config.output_dir) / PROMPT_CACHE)
+    table.others = CachedPromptEncoder(LazyPromptEncoder(config.prompts), capacity=4096)
+    triplets = TripletStream(
+        config.triplets,
+        config.data.crop_size,
+        config.batch_size,
+        config.seed,
+        ranks.rank,
+        ranks.world_size,
+        progress,
+    )
+    return TripletMix(triplets, procedural, table, config.triplets.share, rng)
 
 
 def make_edit_sampler(

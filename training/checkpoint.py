@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.distributed import Ranks, gather_to_main
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -27,34 +29,53 @@ class TrainState:
     optimizers: dict[str, torch.optim.Optimizer]
     rng: np.random.Generator
     step: int = 0
+    # What a rank draws from besides its RNGs (e.g. how many triplet batches it has taken): kept per rank.
     extra: dict[str, Any] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
+
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between data-parallel ranks: their RNGs and extra."""
+        return {
+            "rng": {
+                "numpy": self.rng.bit_generator.state,
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+            },
+            "extra": dict(self.extra),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "rng": {
-                "numpy": self.rng.bit_generator.state,
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-            },
-            "extra": self.extra,
+            **self.rank_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = (set(self.modules) - set(state["modules"])) | (set(self.optimizers) - set(state["optimizers"]))
         if missing:
             raise ValueError(f"checkpoint lacks {sorted(missing)}")
+        own = state
+        if self.ranks.parallel or "ranks" in state:
+            saved = state.get("ranks", [state])
+            if len(saved) != self.ranks.world_size:
+                raise ValueError(
+                    f"the checkpoint was written by {len(saved)} rank(s), this run has {self.ranks.world_size}: "
+                    "resume with the same number of processes"
+                )
+            own = saved[self.ranks.rank]
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        self.rng.bit_generator.state = own["rng"]["numpy"]
+        torch.set_rng_state(own["rng"]["torch"])
+        random.setstate(own["rng"]["python"])
         self.step = int(state["step"])
-        self.extra = dict(state.get("extra", {}))
+        # In place: a batch source holds this dict and counts into it.
+        self.extra.clear()
+        self.extra.update(own.get("extra", {}))
 
 
 def checkpoint_paths(output_dir: Path) -> list[Path]:
@@ -67,12 +88,21 @@ def checkpoint_paths(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(output_dir: Path, state: TrainState, keep: int) -> Path:
-    """Write step-XXXXXXXX.pt atomically (temp file, then rename) and delete all but the newest `keep`."""
+    """Write step-XXXXXXXX.pt atomically (temp file, then rename) and delete all but the newest `keep`.
+
+    Every rank calls it; rank 0 writes one file holding the (identical) weights and every rank's RNGs.
+    """
     folder = Path(output_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{state.step:08d}.pt"
+    every_rank = gather_to_main(state.ranks, state.rank_state())
+    if not state.ranks.is_main:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = state.state_dict()
+    if state.ranks.parallel:
+        payload["ranks"] = every_rank
     tmp = path.with_suffix(".tmp")
-    torch.save(state.state_dict(), tmp)
+    torch.save(payload, tmp)
     tmp.replace(path)
     for old in checkpoint_paths(output_dir)[:-keep]:
         old.unlink(missing_ok=True)

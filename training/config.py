@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from engines.unet import mobile_pix2pix_config
 from training.data import DataConfig
 from training.prompts import PromptSpec
+from training.triplets import TripletConfig
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -106,6 +107,9 @@ class EditTrainConfig(TrainConfig):
     """A recipe that trains on edit pairs: the images, the edits, and the prompt encoder."""
 
     data: DataConfig = Field(default_factory=DataConfig)
+    triplets: TripletConfig | None = Field(
+        None, description="Real (input, instruction, edited) triplets, e.g. InstructPix2Pix's parquet shards."
+    )
     prompts: PromptSpec = Field(default_factory=PromptSpec)
     edits: list[str] | None = Field(None, description="Edit names to train (None = all of training.edits.EDITS).")
     resolution: int = Field(256, ge=64, description="Frame side written to editor.json (the service's resolution).")
@@ -188,8 +192,14 @@ def recipe_main(cls: type[C], train: Callable[[C], Path], argv: list[str] | None
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
     args = parser.parse_args(argv)
-    config = load_config(cls, args.config, args.overrides)
+    try:
+        config = load_config(cls, args.config, args.overrides)
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # pydantic's ValidationError is a ValueError
+        parser.error(f"{args.config}: {exc}")
     diffusers.utils.logging.set_verbosity_error()  # its dtype and config notices would drown the progress bar
-    final = train(config)
+    try:
+        final = train(config)
+    except (FileNotFoundError, ValueError) as exc:  # a missing input or one that doesn't fit: said, not traced
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
     print(f"wrote {final}")
     return final

@@ -11,8 +11,9 @@ from pydantic import Field, model_validator
 
 from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
-from training.batches import keep_first_token, make_edit_sampler, mix_contexts
+from training.batches import keep_first_token, make_batch_source, mix_contexts
 from training.config import EditTrainConfig, recipe_main
+from training.distributed import data_parallel, init_ranks
 from training.draws import row_weighted_mse, row_weights, sample_scales, sample_timesteps
 from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
@@ -91,8 +92,9 @@ def _initial_student(config: GuidanceDistillConfig, teacher_unet: torch.nn.Modul
 
 def train(config: GuidanceDistillConfig) -> Path:
     """Train (or resume) the guidance-distilled student; writes output_dir/final and returns it."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    ranks = init_ranks()
+    torch.manual_seed(ranks.seed(config.seed))
+    rng = np.random.default_rng(ranks.seed(config.seed))
     teacher_model = load_editor_model(config.teacher, config.prompts)
     if teacher_model.config.distilled:
         raise ValueError(f"{config.teacher} is already guidance-distilled; distil from a 3-pass teacher")
@@ -104,11 +106,11 @@ def train(config: GuidanceDistillConfig) -> Path:
     editor = editor_config(config.prompts, config.resolution, config.guidance_embedding_dim)
     student_unet = _initial_student(config, teacher_unet)
     student_unet.requires_grad_(True).train()
-    student = GuidedUNet(student_unet, editor.guidance_embedding_dim, editor.guidance_embedding_scale)
-    params, optimizer, ema, state = unet_train_state(config, student_unet, rng)
-    sampler, _ = make_edit_sampler(
-        config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
+    student = data_parallel(
+        ranks, GuidedUNet(student_unet, editor.guidance_embedding_dim, editor.guidance_embedding_scale)
     )
+    params, optimizer, ema, state = unet_train_state(config, student_unet, rng, ranks)
+    sampler = make_batch_source(config, rng, state.extra, ranks)
     null = sampler.table.null
 
     def step(_: int) -> dict[str, float]:
@@ -141,7 +143,7 @@ def train(config: GuidanceDistillConfig) -> Path:
         return {"loss": float(loss.detach()), "grad_norm": norm}
 
     run_training(config, state, step, "guidance_distill")
-    return save_final_editor(config, editor, student_unet, ema, taesd, schedule)
+    return save_final_editor(config, editor, student_unet, ema, taesd, schedule, ranks)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from training.checkpoint import TrainState, resume_latest, save_checkpoint
 from training.config import TrainConfig
+from training.distributed import Ranks, mean_metrics
 
 LOSS_LOG = "loss_log.jsonl"
 CONFIG_COPY = "config.json"
@@ -65,26 +66,28 @@ def make_adamw(
 
 
 def module_train_state(
-    config: TrainConfig, module: nn.Module, name: str, rng: object
+    config: TrainConfig, module: nn.Module, name: str, rng: object, ranks: Ranks | None = None
 ) -> tuple[list[nn.Parameter], torch.optim.AdamW, EMA | None, TrainState]:
     """The trainable parameters, AdamW, optional EMA and resumable state of a recipe that trains one module
-    (checkpointed under `name`)."""
+    (checkpointed under `name`). With several ranks, the module must already hold rank 0's weights (its DDP
+    wrapper gave them), so that every rank's EMA starts from the same ones."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_adamw(params, config.lr, config.weight_decay)
     modules: dict[str, nn.Module] = {name: module}
     ema = EMA(module, config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         modules["ema"] = ema
-    return params, optimizer, ema, TrainState(modules, {name: optimizer}, rng)  # type: ignore[arg-type]
+    state = TrainState(modules, {name: optimizer}, rng, ranks=ranks or Ranks())  # type: ignore[arg-type]
+    return params, optimizer, ema, state
 
 
 def unet_train_state(
-    config: TrainConfig, unet: nn.Module, rng: object
+    config: TrainConfig, unet: nn.Module, rng: object, ranks: Ranks | None = None
 ) -> tuple[list[nn.Parameter], torch.optim.AdamW, EMA | None, TrainState]:
     """module_train_state for a recipe that trains one UNet (with gradient checkpointing if the config asks)."""
     if getattr(config, "gradient_checkpointing", False):
         unet.enable_gradient_checkpointing()  # type: ignore[operator]
-    return module_train_state(config, unet, "unet", rng)
+    return module_train_state(config, unet, "unet", rng, ranks)
 
 
 def unet_precision(config: TrainConfig) -> contextlib.AbstractContextManager[object]:
@@ -120,33 +123,37 @@ def _truncate_log(path: Path, step: int) -> None:
 def run_training(config: TrainConfig, state: TrainState, step_fn: StepFn, desc: str) -> TrainState:
     """Resume from the newest checkpoint, run `step_fn` until config.steps, checkpointing and logging on the way."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_COPY).write_text(config.model_dump_json(indent=2) + "\n")
+    main = state.ranks.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_COPY).write_text(config.model_dump_json(indent=2) + "\n")
     if config.threads:
         torch.set_num_threads(config.threads)
     resumed = resume_latest(out, state)
-    if resumed is not None:
+    if resumed is not None and main:
         print(f"[{desc}] resumed from {resumed} at step {state.step}", file=sys.stderr, flush=True)
     log_path = out / LOSS_LOG
-    _truncate_log(log_path, state.step)
+    if main:
+        _truncate_log(log_path, state.step)
     bar = tqdm(
         total=config.steps,
         initial=state.step,
-        desc=desc,
+        desc=desc if state.ranks.world_size == 1 else f"{desc} ×{state.ranks.world_size} ranks",
         mininterval=config.progress_interval,
         file=sys.stderr,
         dynamic_ncols=True,
+        disable=not main,
     )
     sums: dict[str, float] = {}
     count = 0
     started = time.monotonic()
-    with log_path.open("a") as log_file:
+    with log_path.open("a") if main else contextlib.nullcontext() as log_file:
         while state.step < config.steps:
             factor = lr_factor(config, state.step)
             for optimizer in state.optimizers.values():
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-            metrics = step_fn(state.step)
+            metrics = mean_metrics(state.ranks, step_fn(state.step))
             bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
             if bad:
                 raise FloatingPointError(f"[{desc}] non-finite metrics at step {state.step}: {bad}")
@@ -164,8 +171,9 @@ def run_training(config: TrainConfig, state: TrainState, step_fn: StepFn, desc: 
                     "elapsed_s": time.monotonic() - started,
                     **means,
                 }
-                log_file.write(json.dumps(line) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps(line) + "\n")
+                    log_file.flush()
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
                 sums, count = {}, 0
             if state.step % config.checkpoint_every == 0 or state.step == config.steps:

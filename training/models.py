@@ -16,6 +16,7 @@ from engines.config import EditorConfig
 from engines.model import TAESD_FOLDER, EditorModel
 from engines.sampling import NoiseSchedule
 from engines.unet import GuidedUNet
+from training.distributed import Ranks, barrier
 from training.prompts import LazyPromptEncoder, PromptSpec
 
 if TYPE_CHECKING:
@@ -136,12 +137,18 @@ def save_final_editor(
     ema: EMA | None,
     taesd: AutoencoderTiny,
     schedule: NoiseSchedule,
+    ranks: Ranks | None = None,
 ) -> Path:
-    """Every UNet recipe's last act: its EMA weights (else the raw ones) as <output_dir>/final/, in save_dtype."""
+    """Every UNet recipe's last act: its EMA weights (else the raw ones) as <output_dir>/final/, in save_dtype,
+    written by rank 0 while the other ranks wait for it."""
     final_unet = ema.shadow if ema is not None else unet
     dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     folder = Path(config.output_dir) / FINAL_FOLDER
-    return save_editor(folder, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype)
+    ranks = ranks or Ranks()
+    if ranks.is_main:
+        save_editor(folder, editor, final_unet.eval(), taesd, schedule, config.prompts, dtype)
+    barrier(ranks)
+    return folder
 
 
 def save_taesd(folder: Path, taesd: AutoencoderTiny, dtype: torch.dtype) -> Path:

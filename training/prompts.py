@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -11,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import require_one_token_exactly_when_pooled
-from engines.text import MiniLMPromptEncoder, PromptEncoder
+from engines.text import CachedPromptEncoder, CLIPPromptEncoder, MiniLMPromptEncoder, PromptEncoder
 
 
 class PromptSpec(BaseModel):
@@ -19,11 +21,15 @@ class PromptSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    encoder: Literal["minilm", "minilm+sentence", "minilm-pooled", "hash"] = Field(
+    encoder: Literal["minilm", "minilm+sentence", "minilm-pooled", "clip", "hash"] = Field(
         "minilm",
         description="'minilm': all-MiniLM-L6-v2 token embeddings; 'minilm+sentence': the same after the sentence "
-        "embedding; 'minilm-pooled': the sentence embedding alone (engines.text.MiniLMPromptEncoder); "
-        "'hash': a weight-free stand-in for tests.",
+        "embedding; 'minilm-pooled': the sentence embedding alone (engines.text.MiniLMPromptEncoder); 'clip': "
+        "the CLIP text encoder of clip_folder (a real InstructPix2Pix's own); 'hash': a weight-free stand-in for "
+        "tests.",
+    )
+    clip_folder: Path | None = Field(
+        None, description="For 'clip': a folder holding text_encoder/ and tokenizer/ (a stock or converted model)."
     )
     tokens: int = Field(
         16, ge=1, le=77, description="Context length (the editor's max_prompt_tokens); 1 for 'minilm-pooled'."
@@ -33,10 +39,16 @@ class PromptSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> PromptSpec:
         require_one_token_exactly_when_pooled(self.encoder, self.tokens, "encoder", "tokens")
+        if (self.encoder == "clip") != (self.clip_folder is not None):
+            raise ValueError("clip_folder is set exactly when the encoder is 'clip'")
+        if self.clip_folder is not None and not (self.clip_folder / "text_encoder" / "config.json").is_file():
+            raise ValueError(f"clip_folder {self.clip_folder} has no text_encoder/config.json")
         return self
 
     @property
     def dim(self) -> int:
+        if self.clip_folder is not None:
+            return int(json.loads((self.clip_folder / "text_encoder" / "config.json").read_text())["hidden_size"])
         return self.hash_dim if self.encoder == "hash" else MiniLMPromptEncoder.dim
 
 
@@ -75,26 +87,35 @@ class LazyPromptEncoder(PromptEncoder):
 
 
 def make_prompt_encoder(spec: PromptSpec) -> PromptEncoder:
+    if spec.clip_folder is not None:
+        return CLIPPromptEncoder(spec.clip_folder, spec.tokens)
     if spec.encoder != "hash":
         return MiniLMPromptEncoder.named(spec.encoder, spec.tokens)
     return HashPromptEncoder(spec.hash_dim, spec.tokens)
 
 
 class PromptTable:
-    """The (tokens, dim) context of every known prompt; the empty prompt is the null-text condition."""
+    """The (tokens, dim) context of every known prompt; the empty prompt is the null-text condition.
 
-    def __init__(self, contexts: dict[str, torch.Tensor]) -> None:
+    With `others`, a prompt outside the table (a dataset's instruction) is encoded through it (an LRU cache
+    of the recipe's encoder); without, it raises KeyError.
+    """
+
+    def __init__(self, contexts: dict[str, torch.Tensor], others: CachedPromptEncoder | None = None) -> None:
         if "" not in contexts:
             raise ValueError("a prompt table needs the empty prompt (the null-text condition)")
         self.contexts = contexts
+        self.others = others
 
     @property
     def null(self) -> torch.Tensor:
         return self.contexts[""]
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        """(len(prompts), tokens, dim) contexts; a prompt outside the table raises KeyError."""
-        return torch.stack([self.contexts[p] for p in prompts])
+        """(len(prompts), tokens, dim) contexts."""
+        if self.others is None:
+            return torch.stack([self.contexts[p] for p in prompts])
+        return torch.stack([self.contexts[p] if p in self.contexts else self.others(p) for p in prompts]).float()
 
 
 def build_prompt_table(
@@ -111,7 +132,7 @@ def build_prompt_table(
     contexts = torch.cat([encoder.encode(prompts[i : i + 64]) for i in range(0, len(prompts), 64)]).float()
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel ranks write it side by side
         torch.save({"key": repr(key), "contexts": contexts}, tmp)
         tmp.replace(cache_path)
     return PromptTable(dict(zip(prompts, contexts, strict=True)))

@@ -12,8 +12,9 @@ from diffusers import UNet2DConditionModel
 from pydantic import Field, model_validator
 
 from engines.unet import GuidedUNet
-from training.batches import keep_first_token, make_edit_sampler
+from training.batches import keep_first_token, make_batch_source
 from training.config import EditTrainConfig, UNetSpec, recipe_main
+from training.distributed import data_parallel, init_ranks
 from training.draws import sample_timesteps
 from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import (
@@ -68,8 +69,9 @@ def conditioning_dropout(
 
 def train(config: TeacherConfig) -> Path:
     """Train (or resume) the teacher; writes an EditorModel folder to output_dir/final and returns it."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    ranks = init_ranks()
+    torch.manual_seed(ranks.seed(config.seed))
+    rng = np.random.default_rng(ranks.seed(config.seed))
     schedule = training_schedule()
     num_train = len(schedule.alphas_cumprod)
     taesd = load_taesd(config.autoencoder).requires_grad_(False)
@@ -82,12 +84,10 @@ def train(config: TeacherConfig) -> Path:
         unet_config = config.unet.diffusers_config(config.prompts.dim, taesd.config.latent_channels)
         unet = UNet2DConditionModel.from_config(unet_config)
     unet.train()
-    model = GuidedUNet(unet, None, 1.0)
+    model = data_parallel(ranks, GuidedUNet(unet, None, 1.0))
     editor = editor_config(config.prompts, config.resolution, None)
-    params, optimizer, ema, state = unet_train_state(config, unet, rng)
-    sampler, _ = make_edit_sampler(
-        config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
-    )
+    params, optimizer, ema, state = unet_train_state(config, unet, rng, ranks)
+    sampler = make_batch_source(config, rng, state.extra, ranks)
     null = sampler.table.null
 
     def step(_: int) -> dict[str, float]:
@@ -120,7 +120,7 @@ def train(config: TeacherConfig) -> Path:
         return {"loss": float(loss.detach()), "grad_norm": norm}
 
     run_training(config, state, step, "teacher")
-    return save_final_editor(config, editor, unet, ema, taesd, schedule)
+    return save_final_editor(config, editor, unet, ema, taesd, schedule, ranks)
 
 
 def main(argv: list[str] | None = None) -> Path:
