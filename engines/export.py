@@ -67,6 +67,14 @@ INPUT_NAMES = {
 OUTPUT_NAMES = {"encoder": ["latents"], "unet": ["prediction"], "decoder": ["images"]}
 
 
+def input_names(model: EditorModel) -> dict[str, list[str]]:
+    """The inputs each of this model's graphs takes: a UNet without guidance embeddings never reads `guidance`,
+    so its graph has no such input (the exporter drops an unused one), and nothing may feed it one."""
+    if model.config.distilled:
+        return INPUT_NAMES
+    return {**INPUT_NAMES, "unet": [n for n in INPUT_NAMES["unet"] if n != "guidance"]}
+
+
 def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = None) -> ExportedGraphs:
     """Export the three graphs with a dynamic batch axis, unless this model and size are cached already."""
     graphs = onnx_folder(model, resolution, cache_dir)
@@ -83,6 +91,7 @@ def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = No
         "decoder": CodecDecoder(model.codec).eval(),
     }
     inputs = example_inputs(model, resolution)
+    names = input_names(model)  # without guidance embeddings, the UNet's example guidance goes unused (and dropped)
     try:
         for name in GRAPH_NAMES:
             target = graphs.path(name)
@@ -91,7 +100,7 @@ def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = No
             # A per-process name: two processes exporting the same slot never write one file.
             partial = target.with_name(f"{name}.{os.getpid()}.partial.onnx")
             log.info("exporting %s to %s", name, target)
-            dynamic = {n: {0: "batch"} for n in INPUT_NAMES[name] + OUTPUT_NAMES[name]}
+            dynamic = {n: {0: "batch"} for n in names[name] + OUTPUT_NAMES[name]}
             with torch.inference_mode(), warnings.catch_warnings():
                 # diffusers' shape asserts become constants in the trace; the batch axis stays dynamic.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -99,7 +108,7 @@ def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = No
                     modules[name],
                     inputs[name],
                     str(partial),
-                    input_names=INPUT_NAMES[name],
+                    input_names=names[name],
                     output_names=OUTPUT_NAMES[name],
                     dynamic_axes=dynamic,
                     opset_version=ONNX_OPSET,

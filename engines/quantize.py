@@ -32,7 +32,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.base import Backend
-from engines.export import GRAPH_NAMES, INPUT_NAMES, ExportedGraphs, export_onnx, onnx_folder
+from engines.export import GRAPH_NAMES, INPUT_NAMES, ExportedGraphs, export_onnx, input_names, onnx_folder
 from engines.model import INT8_FOLDER, EditorModel
 from engines.params import EditParams
 
@@ -161,15 +161,17 @@ class RecordingBackend(Backend):
 
     name = "recording"
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Backend, names: dict[str, list[str]] = INPUT_NAMES) -> None:
         self.inner = inner
         self.device = inner.device
         self.dtype = inner.dtype
+        self.names = names  # the inputs the graphs take (export.input_names): no guidance without embeddings
         self.feeds: dict[str, list[dict[str, np.ndarray]]] = {graph: [] for graph in GRAPH_NAMES}
 
     def _keep(self, graph: str, *inputs: torch.Tensor) -> None:
-        arrays = [t.detach().to("cpu", torch.float32).numpy().copy() for t in inputs]
-        self.feeds[graph].append(dict(zip(INPUT_NAMES[graph], arrays, strict=True)))
+        arrays = dict(zip(INPUT_NAMES[graph], inputs, strict=True))
+        kept = {k: arrays[k].detach().to("cpu", torch.float32).numpy().copy() for k in self.names[graph]}
+        self.feeds[graph].append(kept)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self._keep("encoder", images)
@@ -206,7 +208,7 @@ def calibrate(
     if not frames or not edits:
         raise ValueError("calibration needs at least one frame and one edit")
     resolution = resolution or model.config.resolution
-    recorder = RecordingBackend(OnnxRuntimeBackend(model, resolution, cache_dir))
+    recorder = RecordingBackend(OnnxRuntimeBackend(model, resolution, cache_dir), input_names(model))
     editor = Editor(recorder, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
     for i, frame in enumerate(frames):
         params = edits[i % len(edits)]

@@ -52,12 +52,16 @@ class OnnxRuntimeBackend(Backend):
             name: ort.InferenceSession(str(graphs.path(name)), options, providers=providers)
             for name in ("encoder", "unet", "decoder")
         }
+        # What each graph takes: a UNet without guidance embeddings has no `guidance` input (export.input_names).
+        self._inputs = {name: {i.name for i in session.get_inputs()} for name, session in self._sessions.items()}
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.graphs = graphs
 
     def _run(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
+        taken = self._inputs[name]
         feed = {k: np.ascontiguousarray(v.detach().to("cpu", torch.float32).numpy()) for k, v in inputs.items()}
+        feed = {k: v for k, v in feed.items() if k in taken}
         return torch.from_numpy(self._sessions[name].run(None, feed)[0])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
