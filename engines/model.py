@@ -141,11 +141,14 @@ class EditorModel:
         if proj != wanted:
             raise ModelFolderError(f"unet time_cond_proj_dim={proj} but editor.json implies {wanted}")
         scheduler_path = folder / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME
-        schedule = (
-            NoiseSchedule.from_scheduler_config(json.loads(scheduler_path.read_text()))
-            if scheduler_path.is_file()
-            else NoiseSchedule.default()
-        )
+        try:
+            schedule = (
+                NoiseSchedule.from_scheduler_config(json.loads(scheduler_path.read_text()))
+                if scheduler_path.is_file()
+                else NoiseSchedule.default()
+            )
+        except ValueError as exc:
+            raise ModelFolderError(f"{scheduler_path}: {exc}") from exc
         encoder = prompt_encoder or load_prompt_encoder(config, folder)
         if encoder.dim != unet.config.cross_attention_dim:
             raise ModelFolderError(

@@ -1,13 +1,16 @@
-"""The noise schedule and the two samplers: the one-step student edit and the multi-step 3-pass CFG teacher."""
+"""The noise schedule and the samplers: the one-step student edit and multi-step sampling (3-pass CFG or distilled)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from engines.guidance import combine_cfg
 
@@ -22,6 +25,12 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor
     prediction_type: str
     scheduler_config: dict[str, Any]
+    #: The sampler the model's folder names: scheduler_config.json's diffusers class (_class_name; DDIM, as the
+    #: teacher sampler, where it names none) ...
+    sampler_class: str = "DDIMScheduler"
+    #: ... built from the keys the file gives, so that the class fills in its own defaults (Euler's "linspace"
+    #: timestep spacing, not DDPM's "leading"), as diffusers' pipelines do.
+    sampler_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any]) -> NoiseSchedule:
@@ -31,7 +40,10 @@ class NoiseSchedule:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         # Keep keys only other schedulers know (DDIM's set_alpha_to_one): the teacher sampler rebuilds DDIM from it.
         full_config = {k: v for k, v in {**scheduler.config, **config}.items() if not k.startswith("_")}
-        return cls(scheduler.alphas_cumprod.clone().float(), prediction_type, full_config)
+        sampler_class = str(config.get("_class_name", "DDIMScheduler"))
+        scheduler_class(sampler_class)  # an unknown class fails at load, not at the first frame
+        own_keys = {k: v for k, v in config.items() if not k.startswith("_")}
+        return cls(scheduler.alphas_cumprod.clone().float(), prediction_type, full_config, sampler_class, own_keys)
 
     @classmethod
     def default(cls) -> NoiseSchedule:
@@ -47,6 +59,12 @@ class NoiseSchedule:
                 "timestep_spacing": "trailing",  # few-step sampling starts at t = 999, as the student does
             }
         )
+
+    def make_sampler(self, steps: int, device: torch.device | str | None = None) -> SchedulerMixin:
+        """A new instance of the model's own scheduler, set to `steps` (one per sampling run: it keeps step state)."""
+        scheduler = scheduler_class(self.sampler_class).from_config(self.sampler_config or self.scheduler_config)
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
 
     def coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(ᾱ_t), sqrt(1 − ᾱ_t) shaped to broadcast against `like`."""
@@ -84,6 +102,14 @@ class NoiseSchedule:
         if self.prediction_type == "sample":
             return x0
         return sa * eps - sb * x0  # v_prediction
+
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called `name`; ValueError if diffusers has no such scheduler."""
+    found = getattr(diffusers, name, None)
+    if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
+        raise ValueError(f"scheduler class {name!r} is not a diffusers scheduler")
+    return found
 
 
 def student_start(
@@ -126,6 +152,61 @@ def cfg_prediction(
     return schedule.eps_to_prediction(eps, x_t, timesteps)
 
 
+@dataclass
+class SamplerLane:
+    """One sampling run: a scheduler (its own step state) and the generator its noisy steps draw from."""
+
+    scheduler: SchedulerMixin
+    generator: torch.Generator | None = None
+
+    def step(self, prediction: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # As diffusers' pipelines do (prepare_extra_step_kwargs): only schedulers that draw noise take a generator.
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        extra = {"generator": self.generator} if takes_generator else {}
+        return self.scheduler.step(prediction, t, x, **extra).prev_sample
+
+
+def sample(
+    denoise: Denoiser,
+    schedule: NoiseSchedule,
+    lanes: Sequence[SamplerLane],
+    x: torch.Tensor,
+    image_latent: torch.Tensor,
+    context: torch.Tensor,
+    null_context: torch.Tensor,
+    text_guidance: torch.Tensor,
+    image_guidance: torch.Tensor,
+    guidance_distilled: bool = False,
+) -> torch.Tensor:
+    """Run the lanes' schedulers from x (their start, noise already scaled) to the edit's clean latent.
+
+    The rows of x are split evenly between the lanes, in order: one lane steps the whole batch, one lane a row
+    keeps each row's draws its own (a stream's frames do not depend on what else is in the batch). All lanes
+    step through the same timesteps, with one batched UNet call a step: 3B rows of InstructPix2Pix's
+    classifier-free guidance, or with `guidance_distilled` B rows that receive (s_T, s_I).
+    """
+    timesteps = lanes[0].scheduler.timesteps
+    if any(not torch.equal(lane.scheduler.timesteps, timesteps) for lane in lanes):
+        raise ValueError("every lane of one sampling call must step through the same timesteps")
+    if x.shape[0] % len(lanes):
+        raise ValueError(f"{x.shape[0]} rows do not split evenly between {len(lanes)} lanes")
+    rows = x.shape[0] // len(lanes)
+    guidance = torch.stack([text_guidance, image_guidance], 1).to(x.dtype)
+    for t in timesteps:
+        parts = x.split(rows)
+        model_input = torch.cat([lane.scheduler.scale_model_input(p, t) for lane, p in zip(lanes, parts, strict=True)])
+        ts = t.reshape(1).repeat(x.shape[0]).to(x.device)
+        if guidance_distilled:
+            out = denoise(torch.cat([model_input, image_latent], 1), ts, context, guidance)
+        else:
+            out = cfg_prediction(
+                denoise, schedule, model_input, image_latent, ts, context, null_context, text_guidance, image_guidance
+            )
+        outs = out.split(rows)
+        x = torch.cat([lane.step(o, t, p) for lane, o, p in zip(lanes, outs, parts, strict=True)])
+    return x
+
+
 def teacher_sample(
     denoise: Denoiser,
     schedule: NoiseSchedule,
@@ -138,7 +219,7 @@ def teacher_sample(
     generator: torch.Generator | None = None,
     guidance_distilled: bool = False,
 ) -> torch.Tensor:
-    """Multi-step DDIM sampling of an edit's clean latent.
+    """Multi-step DDIM sampling of an edit's clean latent (training's teacher, whatever the folder's scheduler).
 
     With `guidance_distilled`, each step is one pass that receives (s_T, s_I); otherwise each step is
     the 3-pass classifier-free guidance of InstructPix2Pix.
@@ -146,14 +227,15 @@ def teacher_sample(
     scheduler = DDIMScheduler.from_config(schedule.scheduler_config)
     scheduler.set_timesteps(steps)
     x = torch.randn(image_latent.shape, generator=generator).to(image_latent)
-    guidance = torch.stack([text_guidance, image_guidance], 1).to(x.dtype)
-    for t in scheduler.timesteps:
-        ts = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        if guidance_distilled:
-            out = denoise(torch.cat([x, image_latent], 1), ts, context, guidance)
-        else:
-            out = cfg_prediction(
-                denoise, schedule, x, image_latent, ts, context, null_context, text_guidance, image_guidance
-            )
-        x = scheduler.step(out, t, x).prev_sample
-    return x
+    return sample(
+        denoise,
+        schedule,
+        [SamplerLane(scheduler)],
+        x,
+        image_latent,
+        context,
+        null_context,
+        text_guidance,
+        image_guidance,
+        guidance_distilled,
+    )
