@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +15,16 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 POOLED_ENCODER = "minilm-pooled"
 # Stable Diffusion's VAE latent scaling factor; TAESD latents are already multiplied by it.
 SD_LATENT_SCALING = 0.18215
+#: Sampler steps of a model without guidance embeddings (InstructPix2Pix's 3-pass CFG) when its folder names none:
+#: diffusers' InstructPix2Pix examples run 10 to 20; at 20 the edit has settled.
+DEFAULT_CFG_STEPS = 20
+#: The most sampler steps an editor may be asked for (a frame costs 3 UNet rows a step without distillation).
+MAX_SAMPLER_STEPS = 100
+
+
+def default_steps(fields: dict[str, Any]) -> int:
+    """A distilled student edits in one step; a model that needs 3-pass CFG runs DEFAULT_CFG_STEPS."""
+    return 1 if fields.get("guidance_embedding_dim") is not None else DEFAULT_CFG_STEPS
 
 
 def require_one_token_exactly_when_pooled(encoder: str, tokens: int, encoder_field: str, tokens_field: str) -> None:
@@ -48,6 +58,15 @@ class EditorConfig(BaseModel):
     )
     guidance_embedding_scale: float = Field(
         1000.0, gt=0, description="Scales s before the sinusoid, as LCM does for w."
+    )
+    steps: int = Field(
+        default_factory=default_steps,
+        ge=1,
+        le=MAX_SAMPLER_STEPS,
+        description="Sampler steps per frame. 1 for a distilled student (the default when guidance_embedding_dim is "
+        "set): its one-step edit from t = student_timestep. More than 1 for a distilled model: its guidance-distilled "
+        "sampler, one UNet pass a step. Without guidance embeddings: InstructPix2Pix's 3-pass CFG sampler with the "
+        f"folder's own scheduler, 3 UNet passes a step (default {DEFAULT_CFG_STEPS}).",
     )
     student_timestep: int = Field(
         999, ge=0, le=999, description="Timestep at which the one-step student denoises pure noise."

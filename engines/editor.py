@@ -10,7 +10,7 @@ import torch
 from engines.backends.base import Backend
 from engines.config import EditorConfig
 from engines.params import EditParams
-from engines.sampling import NoiseSchedule, cfg_prediction, student_start
+from engines.sampling import NoiseSchedule, SamplerLane, sample, student_start
 from engines.temporal import StreamState
 from engines.text import CachedPromptEncoder
 
@@ -44,10 +44,14 @@ def tensor_to_frames(images: torch.Tensor) -> list[np.ndarray]:
 
 
 class Editor:
-    """The one-step student edit (the service's path), or 3-pass CFG when the model is not distilled.
+    """The one-step student edit (the service's path), or the model's multi-step sampler: InstructPix2Pix's
+    3-pass CFG when the model is not distilled, one guided pass a step when it is (config.steps > 1).
 
     Temporal reuse happens here, per request: fixed noise, latent feedback and the similarity skip all
     read and update the request's StreamState, so one batch can mix streams with different settings.
+    In the multi-step sampler, fixed noise pins every draw (start and the steps of an ancestral scheduler)
+    to the seed, and latent feedback starts it, as img2img does, from the previous output noised to the
+    first timestep (scheduler.add_noise).
     """
 
     def __init__(
@@ -59,6 +63,11 @@ class Editor:
         self.prompts = prompts
         self.null_context = prompts("")  # InstructPix2Pix's 'no text' condition: the empty prompt
         self.unet_rows = 0  # UNet batch rows run so far (a skipped frame costs none)
+        self.one_step = config.distilled and config.steps == 1
+        # UNet calls a frame: the scheduler's timesteps (PNDM and Heun call it more often than `steps`), of
+        # B rows when distilled, 3B for classifier-free guidance.
+        calls = 1 if self.one_step else len(schedule.make_sampler(config.steps).timesteps)
+        self.rows_per_frame = calls * (1 if config.distilled else 3)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """The prompt's (tokens, dim) context; encoded once per distinct prompt, then cached."""
@@ -67,6 +76,16 @@ class Editor:
     @property
     def resolution(self) -> int:
         return self.config.resolution
+
+    def describe(self) -> str:
+        """Which sampling path runs and what a frame costs, for the startup log."""
+        if self.one_step:
+            return "one-step distilled student, 1 UNet row per frame"
+        kind = "guidance-distilled" if self.config.distilled else "3-pass CFG"
+        return (
+            f"{self.config.steps}-step {kind} sampler ({self.schedule.sampler_class}), "
+            f"{self.rows_per_frame} UNet rows per frame"
+        )
 
     @torch.inference_mode()
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
@@ -91,7 +110,8 @@ class Editor:
                 active.append(i)
         if active:
             image_latents = latents[active]
-            x0 = self._student(image_latents, [requests[i] for i in active])
+            chosen = [requests[i] for i in active]
+            x0 = self._student(image_latents, chosen) if self.one_step else self._sample(image_latents, chosen)
             frames = tensor_to_frames(self.backend.decode(x0))
             for j, i in enumerate(active):
                 requests[i].state.record_edit(image_latents[j], x0[j], frames[j], requests[i].params)
@@ -99,7 +119,7 @@ class Editor:
         return [r for r in results if r is not None]
 
     def _student(self, image_latents: torch.Tensor, requests: list[EditRequest]) -> torch.Tensor:
-        """x0 of one denoising step from t = student_timestep, one UNet pass (or three without distillation)."""
+        """x0 of the distilled student's one denoising step from t = student_timestep: one UNet pass."""
         device, dtype = image_latents.device, image_latents.dtype
         shape = tuple(image_latents.shape[1:])
         noise = torch.stack([r.state.noise(r.params, shape, device) for r in requests]).to(dtype)
@@ -115,20 +135,41 @@ class Editor:
             [[r.params.text_guidance, r.params.image_guidance] for r in requests], dtype=torch.float32, device=device
         )
         cond = image_latents * self.config.image_latent_scale
-        if self.config.distilled:
-            self.unet_rows += len(requests)
-            prediction = self.backend.denoise(torch.cat([x_t, cond], 1), timesteps, context, guidance)
-        else:
-            self.unet_rows += 3 * len(requests)
-            prediction = cfg_prediction(
-                self.backend.denoise,
-                self.schedule,
-                x_t,
-                cond,
-                timesteps,
-                context,
-                self.null_context.to(device, dtype)[None],
-                guidance[:, 0],
-                guidance[:, 1],
-            )
+        self.unet_rows += len(requests)
+        prediction = self.backend.denoise(torch.cat([x_t, cond], 1), timesteps, context, guidance)
         return self.schedule.predict_x0(prediction.to(dtype), x_t, timesteps)
+
+    def _sample(self, image_latents: torch.Tensor, requests: list[EditRequest]) -> torch.Tensor:
+        """x0 of the model's own scheduler over config.steps steps, one lane (scheduler and generator) a stream."""
+        device, dtype = image_latents.device, image_latents.dtype
+        shape = (1, *image_latents.shape[1:])
+        lanes, starts = [], []
+        for request in requests:
+            generator = request.state.sampling_generator(request.params)
+            lane = SamplerLane(self.schedule.make_sampler(self.config.steps, device), generator)
+            noise = torch.randn(shape, generator=generator).to(device)
+            guess = request.state.feedback_latent(request.params)
+            if guess is None:
+                start = noise * lane.scheduler.init_noise_sigma  # diffusers' prepare_latents
+            else:
+                start = lane.scheduler.add_noise(guess[None].float(), noise, lane.scheduler.timesteps[:1])
+            lanes.append(lane)
+            starts.append(start)
+        # Start and image latent in fp32, as diffusers' pipeline makes them; the backend casts the UNet's input.
+        context = torch.stack([r.context for r in requests]).to(device, dtype)
+        s_t = torch.tensor([r.params.text_guidance for r in requests], dtype=torch.float32, device=device)
+        s_i = torch.tensor([r.params.image_guidance for r in requests], dtype=torch.float32, device=device)
+        self.unet_rows += self.rows_per_frame * len(requests)
+        x0 = sample(
+            self.backend.denoise,
+            self.schedule,
+            lanes,
+            torch.cat(starts),
+            (image_latents * self.config.image_latent_scale).float(),
+            context,
+            self.null_context.to(device, dtype)[None],
+            s_t,
+            s_i,
+            guidance_distilled=self.config.distilled,
+        )
+        return x0.to(dtype)

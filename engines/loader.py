@@ -74,10 +74,11 @@ def load_editor(spec: EngineSpec, prompt_encoder: PromptEncoder | None = None) -
     `prompt_encoder` replaces the model's own (a benchmark's stand-in where MiniLM is not installed).
     """
     model = EditorModel.from_pretrained(spec.model_folder(), taesd=spec.taesd, prompt_encoder=prompt_encoder)
-    if spec.resolution is not None:
-        model.config = model.config.model_copy(update={"resolution": spec.resolution})
+    model.config = spec.configure(model.config)
     backend = make_backend(model, spec, model.config.resolution)
-    return Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
+    editor = Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
+    log.info("engine: %s", editor.describe())
+    return editor
 
 
 __all__ = ["PRESETS_NAME", "EngineSpec", "default_params", "load_editor", "load_presets", "make_backend"]

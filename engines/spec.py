@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engines.config import DEFAULT_MODEL_DIR, EditorConfig
+from engines.config import DEFAULT_MODEL_DIR, MAX_SAMPLER_STEPS, EditorConfig
 from engines.params import EditParams
 from engines.run_options import require_cuda_graph_on_torch_cuda, require_int8_on_onnxruntime
 
@@ -28,6 +28,13 @@ class EngineSpec(BaseModel):
     backend: BackendName = Field("onnxruntime", description="torch, onnxruntime or tensorrt.")
     device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
     resolution: int | None = Field(None, ge=64, le=2048, description="Override the model's resolution.")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SAMPLER_STEPS,
+        description="Sampler steps per frame, overriding the model's own (editor.json; a stock InstructPix2Pix "
+        "folder runs 20 steps of 3-pass CFG, 3 UNet passes each). A one-step distilled student runs 1 only.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for the backend (None = library default).")
     max_batch: int = Field(
         4,
@@ -46,13 +53,36 @@ class EngineSpec(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _cuda_graph_fits(self) -> EngineSpec:
+    def _options_fit(self) -> EngineSpec:
         require_cuda_graph_on_torch_cuda(self.backend, self.device, self.cuda_graph)
         require_int8_on_onnxruntime(self.backend, self.precision)
+        if self.steps is not None:  # reads editor.json, so a one-step student is refused before anything starts
+            self.configure(EditorConfig.load(self.model_folder()))
         return self
 
     def model_folder(self) -> Path:
         return self.weights or DEFAULT_MODEL_DIR
+
+    def configure(self, config: EditorConfig) -> EditorConfig:
+        """The model's config with this spec's resolution and steps; ValueError if the model cannot take them."""
+        updates: dict[str, int] = {}
+        if self.resolution is not None:
+            updates["resolution"] = self.resolution
+        if self.steps is not None:
+            require_steps_fit(config, self.steps)
+            updates["steps"] = self.steps
+        return config.model_copy(update=updates)
+
+
+def require_steps_fit(config: EditorConfig, steps: int) -> None:
+    """A one-step distilled student was trained to denoise at t = student_timestep only: it has no multi-step
+    sampler to run, so more steps would be a sampler it never learned, not a better edit."""
+    if config.distilled and config.steps == 1 and steps != 1:
+        raise ValueError(
+            f"steps={steps}, but this model is a one-step distilled student (guidance embeddings, editor.json steps "
+            f"1): it runs in one step only. A guidance-distilled model trained for several steps says so in its "
+            f"editor.json ('steps')."
+        )
 
 
 #: One truth for the batch limit: Settings, EngineWorker, build-engine and the TensorRT backend read it here.
@@ -83,9 +113,9 @@ class ModelInfo:
 
     @classmethod
     def of(cls, spec: EngineSpec) -> ModelInfo:
-        config = EditorConfig.load(spec.model_folder())
+        config = spec.configure(EditorConfig.load(spec.model_folder()))
         return cls(
-            resolution=spec.resolution or config.resolution,
+            resolution=config.resolution,
             default_params=default_params(config),
             guidance_ranges={
                 "text_guidance": list(config.trained_text_guidance),

@@ -34,6 +34,12 @@ class StreamState:
             self._noise_key = key
         return self._noise
 
+    def sampling_generator(self, params: EditParams) -> torch.Generator:
+        """What a multi-step sampler draws this frame's start and step noise from: a generator seeded anew from
+        the seed when the noise is fixed (every frame repeats the same draws, as diffusers' pipeline does for
+        that seed), else the stream's running one."""
+        return torch.Generator().manual_seed(params.seed) if params.fixed_noise else self._fresh
+
     def feedback_latent(self, params: EditParams) -> torch.Tensor | None:
         """The previous output latent scaled by the feedback strength, or None when feedback is off."""
         if params.latent_feedback <= 0.0 or self.last_output_latent is None:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engines.client import DEFAULT_MAX_BATCH, EngineMode, EngineSpec, PrecisionName
+from engines.client import DEFAULT_MAX_BATCH, MAX_SAMPLER_STEPS, EngineMode, EngineSpec, PrecisionName
 from server.jitter import RECEIVE_RULE_MEANINGS, ReceiveRule
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     resolution: int | None = Field(None, ge=64, le=2048, description="Editor resolution (default: the model's).")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SAMPLER_STEPS,
+        description=EngineSpec.model_fields["steps"].description,
+    )
     max_sessions: int = Field(4, ge=1, le=1024, description="Sessions beyond this get 503 with Retry-After.")
     max_batch: int = Field(
         DEFAULT_MAX_BATCH, ge=1, le=64, description="Most frames (one per session) in one engine call."
@@ -154,6 +160,7 @@ class Settings(BaseSettings):
             backend=self.backend,
             device=self.device,
             resolution=self.resolution,
+            steps=self.steps,
             threads=self.threads,
             max_batch=self.max_batch,
             cache_dir=self.cache_dir,

@@ -14,7 +14,8 @@ def test_serve_help_lists_every_setting() -> None:
     result = run("-m", "streamedit.cli", "serve", "--help")
     assert result.returncode == 0
     for flag in ["--port", "--max-sessions", "--max-batch", "--backend", "--weights", "--ice-servers",
-                 "--ice-host-addresses", "--resolution", "--cuda-graph", "--precision", "--replica"]:  # fmt: skip
+                 "--ice-host-addresses", "--resolution", "--cuda-graph", "--precision", "--replica",
+                 "--steps"]:  # fmt: skip
         assert flag in result.stdout
 
 

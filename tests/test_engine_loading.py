@@ -229,6 +229,8 @@ def test_plain_instructpix2pix_folder_gets_its_conventions(ip2p_folder: Path) ->
     assert model.config.prompt_encoder == "clip"
     assert model.config.max_prompt_tokens == 77
     assert model.config.guidance_embedding_dim is None and not model.config.distilled
+    assert model.config.steps == 20  # InstructPix2Pix's own sampler, not one step
+    assert model.schedule.sampler_class == "DDIMScheduler"  # the folder's scheduler_config.json names it
     assert model.config.image_latent_scale == pytest.approx(1 / SD_LATENT_SCALING)
     assert isinstance(model.codec, TinyCodec)  # taesd/ wins over vae/
     assert model.schedule.prediction_type == "epsilon"
@@ -255,7 +257,7 @@ def test_distilled_unet_matches_diffusers_fed_lcm_guidance_embeddings(tmp_path: 
     dim = 8
     folder = make_tiny_pix2pix_folder(tmp_path / "m", unet_config=tiny_sd15_unet_config(time_cond_proj_dim=2 * dim))
     model = EditorModel.from_pretrained(folder)
-    assert model.config.guidance_embedding_dim == dim
+    assert model.config.guidance_embedding_dim == dim and model.config.steps == 1
     reference = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     torch.manual_seed(2)
     sample, context = torch.randn(2, 8, 8, 8), torch.randn(2, 77, TINY_TEXT_DIM)
