@@ -19,7 +19,7 @@ from training.batches import BatchSource, keep_first_token, make_batch_source, m
 from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
-from training.distributed import Ranks, average_gradients, data_parallel, init_ranks, replicate
+from training.distributed import Ranks, average_gradients, data_parallel, init_ranks, replicate, train_device
 from training.draws import row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training, unet_precision
 from training.models import load_editor_model, save_final_editor
@@ -128,6 +128,7 @@ class AdversarialStep:
         num_train = len(self.schedule.alphas_cumprod)
         c = self.config
         t_d = logit_normal_timesteps(self.rng, x0.shape[0], num_train, c.logit_normal_mean, c.logit_normal_std)
+        t_d = t_d.to(self.device)
         noise_d = torch.randn_like(x0)
         real_t = self.schedule.add_noise(x0_target, noise_d, t_d)
         fake_t = self.schedule.add_noise(x0, noise_d, t_d)
@@ -136,20 +137,28 @@ class AdversarialStep:
         # The loss log's column order, as before the step became a class.
         return {"mse": student["mse"], "g_adv": student["g_adv"], **disc, "grad_norm": student["grad_norm"]}
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.taesd.parameters()).device
+
+    def rows(self, probability: float, n: int) -> torch.Tensor:
+        """A (n,) mask of rows drawn with `probability`, on the step's device."""
+        return torch.from_numpy(self.rng.random(n) < probability).to(self.device)
+
     def draw(self) -> DistillationRows:
         c, rng = self.config, self.rng
-        b = self.sampler.sample(c.batch_size)
+        b = self.sampler.sample(c.batch_size).to(self.device)
         n = b.images.shape[0]
-        null = self.sampler.table.null
+        null = self.sampler.table.null.to(self.device)
         with torch.no_grad():
             z_image = self.taesd.encode(b.images).latents
-        empty = torch.from_numpy(rng.random(n) < c.empty_prompt_probability)
+        empty = self.rows(c.empty_prompt_probability, n)
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
-        scales = sample_scales(rng, n, c.text_guidance_range, c.image_guidance_range)
-        anchored = torch.from_numpy(rng.random(n) < c.anchor_probability)
+        scales = sample_scales(rng, n, c.text_guidance_range, c.image_guidance_range).to(self.device)
+        anchored = self.rows(c.anchor_probability, n)
         scales[anchored] = 1.0
         if c.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
-            mixed = torch.from_numpy(rng.random(n) < c.context_mix_probability) & ~anchored
+            mixed = self.rows(c.context_mix_probability, n) & ~anchored
             context = mix_contexts(context, mixed, rng)
         cond = z_image * self.editor.image_latent_scale
         return DistillationRows(z_image, cond, context, scales, anchored, empty, b.targets)
@@ -166,7 +175,7 @@ class AdversarialStep:
                     self.schedule,
                     rows.cond[free],
                     rows.context[free],
-                    self.sampler.table.null[None],
+                    self.sampler.table.null[None].to(self.device),
                     rows.scales[free, 0],
                     rows.scales[free, 1],
                     steps=self.config.target_steps,
@@ -184,8 +193,8 @@ class AdversarialStep:
         n = rows.z_image.shape[0]
         t_student = self.editor.student_timestep
         x_start = student_start(self.schedule, torch.randn_like(rows.z_image), t_student, None)
-        ts = torch.full((n,), t_student, dtype=torch.long)
-        sentence_only = torch.from_numpy(self.rng.random(n) < self.config.sentence_only_probability)
+        ts = torch.full((n,), t_student, dtype=torch.long, device=self.device)
+        sentence_only = self.rows(self.config.sentence_only_probability, n)
         student_context = keep_first_token(rows.context, sentence_only)
         with unet_precision(self.config):
             out = self.student_pass(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)
@@ -253,6 +262,7 @@ def train(config: AdversarialDistillConfig) -> Path:
 def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, TrainState]:
     """The stage's models, optimisers and data, seeded, as one step and the state a checkpoint holds."""
     ranks = init_ranks()
+    device = train_device(config.device)
     torch.manual_seed(ranks.seed(config.seed))
     rng = np.random.default_rng(ranks.seed(config.seed))
     init = load_editor_model(config.student_init, config.prompts)
@@ -261,7 +271,7 @@ def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, Train
     target = (
         _frozen_copy(init) if config.target_model is None else load_editor_model(config.target_model, config.prompts)
     )
-    target.unet.requires_grad_(False).eval()
+    target.unet.requires_grad_(False).eval().to(device)
     backbone = (
         target
         if config.discriminator_backbone is None
@@ -269,13 +279,13 @@ def build_step(config: AdversarialDistillConfig) -> tuple[AdversarialStep, Train
     )
     schedule = init.schedule
     editor = init.config.model_copy(update={"resolution": config.resolution})
-    taesd = init.codec.taesd.requires_grad_(False)
-    student = init.unet
+    taesd = init.codec.taesd.requires_grad_(False).to(device)
+    student = init.unet.to(device)
     student_unet = student.unet.requires_grad_(True).train()
     bb = backbone.config
     bb_unet = copy.deepcopy(backbone.unet.unet)
-    encoder = FrozenUNetEncoder(bb_unet, bb.guidance_embedding_dim, bb.guidance_embedding_scale)
-    heads = DiscriminatorHeads(encoder.channels, config.prompts.dim, hidden=config.disc_hidden)
+    encoder = FrozenUNetEncoder(bb_unet, bb.guidance_embedding_dim, bb.guidance_embedding_scale).to(device)
+    heads = DiscriminatorHeads(encoder.channels, config.prompts.dim, hidden=config.disc_hidden).to(device)
     replicate(ranks, heads)  # trained outside DDP: its gradients are averaged by hand
     student_pass = data_parallel(ranks, student)
     params = [p for p in student_unet.parameters() if p.requires_grad]

@@ -32,6 +32,12 @@ class EditBatch:
     prompts: list[str]
     context: torch.Tensor
 
+    def to(self, device: torch.device) -> EditBatch:
+        """The tensors on `device` (the same batch, no copy, when they are there already)."""
+        return EditBatch(
+            self.images.to(device), self.targets.to(device), self.edit_ids, self.prompts, self.context.to(device)
+        )
+
 
 class EditBatchSampler:
     """Draws EditBatches with one numpy RNG (the crop sampler's), so a checkpointed RNG replays the same data."""
@@ -86,7 +92,7 @@ def mix_contexts(context: torch.Tensor, rows: torch.Tensor, rng: np.random.Gener
     picked = rows.nonzero().flatten()
     if len(picked):
         partners = torch.from_numpy(rng.integers(len(context), size=len(picked)))
-        weight = torch.from_numpy(rng.random(len(picked))).to(context.dtype)[:, None, None]
+        weight = torch.from_numpy(rng.random(len(picked))).to(context)[:, None, None]
         out[picked] = weight * context[picked] + (1 - weight) * context[partners]
     return out
 

@@ -40,6 +40,8 @@ class TrainState:
                 "numpy": self.rng.bit_generator.state,
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
+                # Noise drawn on a GPU comes from its own generator.
+                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_initialized() else {}),
             },
             "extra": dict(self.extra),
         }
@@ -72,6 +74,8 @@ class TrainState:
         self.rng.bit_generator.state = own["rng"]["numpy"]
         torch.set_rng_state(own["rng"]["torch"])
         random.setstate(own["rng"]["python"])
+        if "cuda" in own["rng"] and torch.cuda.is_initialized():
+            torch.cuda.set_rng_state_all(own["rng"]["cuda"])
         self.step = int(state["step"])
         # In place: a batch source holds this dict and counts into it.
         self.extra.clear()

@@ -45,12 +45,24 @@ def init_ranks() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+def train_device(name: str) -> torch.device:
+    """'cpu', or for 'cuda' the GPU torchrun gave this process (LOCAL_RANK), which becomes the current one."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked, but torch sees no CUDA GPU")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def data_parallel(ranks: Ranks, module: nn.Module) -> nn.Module:
     """The module as the training step should call it: wrapped in DistributedDataParallel across ranks (which
     starts every rank from rank 0's weights and averages gradients during backward), else itself."""
     if not ranks.parallel:
         return module
-    return nn.parallel.DistributedDataParallel(module)
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def replicate(ranks: Ranks, module: nn.Module) -> None:

@@ -25,7 +25,7 @@ def sample_scales(
 def row_weights(scales: torch.Tensor, relative_text_scale: bool) -> torch.Tensor:
     """(B,) loss weights: 1/max(1, s_T)² per row when `relative_text_scale`, else ones."""
     if not relative_text_scale:
-        return torch.ones(scales.shape[0])
+        return torch.ones(scales.shape[0], device=scales.device)
     return 1.0 / scales[:, 0].clamp(min=1.0) ** 2
 
 

@@ -13,7 +13,7 @@ from engines.sampling import cfg_prediction
 from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
 from training.batches import keep_first_token, make_batch_source, mix_contexts
 from training.config import EditTrainConfig, recipe_main
-from training.distributed import data_parallel, init_ranks
+from training.distributed import data_parallel, init_ranks, train_device
 from training.draws import row_weighted_mse, row_weights, sample_scales, sample_timesteps
 from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
@@ -93,6 +93,7 @@ def _initial_student(config: GuidanceDistillConfig, teacher_unet: torch.nn.Modul
 def train(config: GuidanceDistillConfig) -> Path:
     """Train (or resume) the guidance-distilled student; writes output_dir/final and returns it."""
     ranks = init_ranks()
+    device = train_device(config.device)
     torch.manual_seed(ranks.seed(config.seed))
     rng = np.random.default_rng(ranks.seed(config.seed))
     teacher_model = load_editor_model(config.teacher, config.prompts)
@@ -100,41 +101,46 @@ def train(config: GuidanceDistillConfig) -> Path:
         raise ValueError(f"{config.teacher} is already guidance-distilled; distil from a 3-pass teacher")
     schedule = teacher_model.schedule
     num_train = len(schedule.alphas_cumprod)
-    taesd = teacher_model.codec.taesd.requires_grad_(False)
-    teacher_unet = teacher_model.unet.unet.requires_grad_(False).eval()
+    taesd = teacher_model.codec.taesd.requires_grad_(False).to(device)
+    teacher_unet = teacher_model.unet.unet.requires_grad_(False).eval().to(device)
     teacher = GuidedUNet(teacher_unet, None, 1.0)
-    editor = editor_config(config.prompts, config.resolution, config.guidance_embedding_dim)
+    editor = editor_config(
+        config.prompts, config.resolution, config.guidance_embedding_dim, teacher_model.config.image_latent_scale
+    )
     student_unet = _initial_student(config, teacher_unet)
-    student_unet.requires_grad_(True).train()
+    student_unet.to(device).requires_grad_(True).train()
     student = data_parallel(
         ranks, GuidedUNet(student_unet, editor.guidance_embedding_dim, editor.guidance_embedding_scale)
     )
     params, optimizer, ema, state = unet_train_state(config, student_unet, rng, ranks)
     sampler = make_batch_source(config, rng, state.extra, ranks)
-    null = sampler.table.null
+    null = sampler.table.null.to(device)
+
+    def rows(probability: float, n: int) -> torch.Tensor:
+        return torch.from_numpy(rng.random(n) < probability).to(device)
 
     def step(_: int) -> dict[str, float]:
-        b = sampler.sample(config.batch_size)
+        b = sampler.sample(config.batch_size).to(device)
         with torch.no_grad():
             z_image = taesd.encode(b.images).latents
             z_target = taesd.encode(b.targets).latents
         n = z_image.shape[0]
-        empty = torch.from_numpy(rng.random(n) < config.empty_prompt_probability)
+        empty = rows(config.empty_prompt_probability, n)
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
         z_target = torch.where(empty[:, None, None, None], z_image, z_target)
         if config.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
-            context = mix_contexts(context, torch.from_numpy(rng.random(n) < config.context_mix_probability), rng)
-        scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range)
-        scales[torch.from_numpy(rng.random(n) < config.anchor_probability)] = 1.0
+            context = mix_contexts(context, rows(config.context_mix_probability, n), rng)
+        scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range).to(device)
+        scales[rows(config.anchor_probability, n)] = 1.0
         cond = z_image * editor.image_latent_scale
-        t = sample_timesteps(rng, n, num_train, config.high_t_probability)
+        t = sample_timesteps(rng, n, num_train, config.high_t_probability).to(device)
         x_t = schedule.add_noise(z_target, torch.randn_like(z_target), t)
         with torch.no_grad(), unet_precision(config):
             guided = cfg_prediction(teacher, schedule, x_t, cond, t, context, null[None], scales[:, 0], scales[:, 1])
-        sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability)
+        sentence_only = rows(config.sentence_only_probability, n)
         with unet_precision(config):
             prediction = student(torch.cat([x_t, cond], 1), t, keep_first_token(context, sentence_only), scales)
-        weights = row_weights(scales, config.relative_text_scale_loss)
+        weights = row_weights(scales, config.relative_text_scale_loss).to(device)
         loss = row_weighted_mse(prediction.float(), guided.float(), weights)
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)

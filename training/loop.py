@@ -93,7 +93,7 @@ def unet_train_state(
 def unet_precision(config: TrainConfig) -> contextlib.AbstractContextManager[object]:
     """Where UNet passes run: under bf16 autocast when the config's mixed_precision says so, else as they are."""
     if getattr(config, "mixed_precision", "no") == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(getattr(config, "device", "cpu"), dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -92,14 +92,31 @@ def load_editor_model(path: Path, prompts: PromptSpec, *, same_encoder: bool = T
     return model
 
 
-def editor_config(prompts: PromptSpec, resolution: int, guidance_embedding_dim: int | None) -> EditorConfig:
+def editor_config(
+    prompts: PromptSpec, resolution: int, guidance_embedding_dim: int | None, image_latent_scale: float = 1.0
+) -> EditorConfig:
     return EditorConfig(
         resolution=resolution,
         # The hash encoder exists only in tests, which pass their encoder explicitly.
         prompt_encoder="minilm" if prompts.encoder == "hash" else prompts.encoder,
         max_prompt_tokens=prompts.tokens,
         guidance_embedding_dim=guidance_embedding_dim,
+        image_latent_scale=image_latent_scale,
     )
+
+
+def model_conventions(path: Path) -> tuple[NoiseSchedule, float]:
+    """The noise schedule and image-latent scale a model folder's UNet was trained with, so a fine-tune keeps
+    them: ours predict x0 on TAESD latents; a converted stock InstructPix2Pix predicts noise and reads its image
+    condition unscaled."""
+    folder = model_folder(path)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    schedule = (
+        NoiseSchedule.from_scheduler_config(json.loads(scheduler.read_text()))
+        if scheduler.is_file()
+        else training_schedule()
+    )
+    return schedule, EditorConfig.load(folder).image_latent_scale
 
 
 def save_editor(
@@ -125,6 +142,9 @@ def save_editor(
         fingerprint="",
     )
     model.save_pretrained(tmp)
+    if prompts.clip_folder is not None:  # the folder must carry the text encoder its editor.json names
+        for part in ("tokenizer", "text_encoder"):
+            shutil.copytree(prompts.clip_folder / part, tmp / part)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

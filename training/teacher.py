@@ -14,12 +14,13 @@ from pydantic import Field, model_validator
 from engines.unet import GuidedUNet
 from training.batches import keep_first_token, make_batch_source
 from training.config import EditTrainConfig, UNetSpec, recipe_main
-from training.distributed import data_parallel, init_ranks
+from training.distributed import data_parallel, init_ranks, train_device
 from training.draws import sample_timesteps
 from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import (
     editor_config,
     load_taesd,
+    model_conventions,
     model_folder,
     native_target,
     save_final_editor,
@@ -70,11 +71,14 @@ def conditioning_dropout(
 def train(config: TeacherConfig) -> Path:
     """Train (or resume) the teacher; writes an EditorModel folder to output_dir/final and returns it."""
     ranks = init_ranks()
+    device = train_device(config.device)
     torch.manual_seed(ranks.seed(config.seed))
     rng = np.random.default_rng(ranks.seed(config.seed))
-    schedule = training_schedule()
+    schedule, image_latent_scale = training_schedule(), 1.0
+    if config.init_from is not None:  # a fine-tune keeps what the UNet was trained with (a converted stock model)
+        schedule, image_latent_scale = model_conventions(config.init_from)
     num_train = len(schedule.alphas_cumprod)
-    taesd = load_taesd(config.autoencoder).requires_grad_(False)
+    taesd = load_taesd(config.autoencoder).requires_grad_(False).to(device)
     if config.init_from is not None:
         # Only the UNet is taken: a fine-tune may change the prompt encoder (e.g. add the sentence token).
         unet = UNet2DConditionModel.from_pretrained(model_folder(config.init_from) / "unet", torch_dtype=torch.float32)
@@ -83,35 +87,37 @@ def train(config: TeacherConfig) -> Path:
     else:
         unet_config = config.unet.diffusers_config(config.prompts.dim, taesd.config.latent_channels)
         unet = UNet2DConditionModel.from_config(unet_config)
-    unet.train()
+    unet.to(device).train()
     model = data_parallel(ranks, GuidedUNet(unet, None, 1.0))
-    editor = editor_config(config.prompts, config.resolution, None)
+    editor = editor_config(config.prompts, config.resolution, None, image_latent_scale)
     params, optimizer, ema, state = unet_train_state(config, unet, rng, ranks)
     sampler = make_batch_source(config, rng, state.extra, ranks)
-    null = sampler.table.null
+    null = sampler.table.null.to(device)
 
     def step(_: int) -> dict[str, float]:
-        b = sampler.sample(config.batch_size)
+        b = sampler.sample(config.batch_size).to(device)
         with torch.no_grad():
             z_image = taesd.encode(b.images).latents
             z_target = taesd.encode(b.targets).latents
         n = z_image.shape[0]
-        text_dropped, image_dropped = conditioning_dropout(
-            rng, n, config.drop_text, config.drop_image, config.drop_both
+        text_dropped, image_dropped = (
+            mask.to(device)
+            for mask in conditioning_dropout(rng, n, config.drop_text, config.drop_image, config.drop_both)
         )
         context = torch.where(text_dropped[:, None, None], null.expand_as(b.context), b.context)
         if config.sentence_only_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
             # Text-dropped rows keep the whole null context: it is what CFG's unconditional passes feed.
-            sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability) & ~text_dropped
+            sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability).to(device)
+            sentence_only &= ~text_dropped
             context = keep_first_token(context, sentence_only)
         if config.null_text_target == "identity":
             z_target = torch.where(text_dropped[:, None, None, None], z_image, z_target)
         cond = z_image * editor.image_latent_scale * (~image_dropped).float()[:, None, None, None]
-        t = sample_timesteps(rng, n, num_train, config.high_t_probability)
+        t = sample_timesteps(rng, n, num_train, config.high_t_probability).to(device)
         noise = torch.randn_like(z_target)
         x_t = schedule.add_noise(z_target, noise, t)
         with unet_precision(config):
-            prediction = model(torch.cat([x_t, cond], 1), t, context, torch.zeros(n, 2))
+            prediction = model(torch.cat([x_t, cond], 1), t, context, torch.zeros(n, 2, device=device))
         loss = F.mse_loss(prediction.float(), native_target(schedule, z_target, noise, t))
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
