@@ -19,12 +19,15 @@ from diffusers import AutoencoderTiny
 from engines.model import EditorModel
 from training.adversarial_distill import AdversarialDistillConfig
 from training.adversarial_distill import train as train_adversarial
+from training.autoencoder import AutoencoderConfig
+from training.autoencoder import train as train_autoencoder
 from training.config import TAESDSpec
 from training.data import PHOTOS
 from training.edits import get_edits
 from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log
+from training.models import load_taesd
 from training.prompts import HashPromptEncoder
 from training.teacher import TeacherConfig
 from training.teacher import train as train_teacher
@@ -193,6 +196,15 @@ def test_each_recipe_trains_from_parquet_on_one_process(parquet: Path, taesd: Pa
     assert model.config.distilled
     # The triplets' instructions were encoded on the fly and cached with the run.
     assert (tmp_path / "teacher" / "prompt_contexts.pt").is_file()
+
+
+def test_the_autoencoder_recipe_reconstructs_real_triplets_too(parquet: Path, tmp_path: Path) -> None:
+    fields = tiny(tmp_path / "ae", 4, parquet, lr=3e-3, taesd={"width": 8})
+    for key in ("prompts", "resolution"):  # an autoencoder has no prompts and serves no resolution
+        del fields[key]
+    final = train_autoencoder(AutoencoderConfig.model_validate(fields))
+    assert [row["step"] for row in read_loss_log(tmp_path / "ae")] == [1, 2, 3, 4]
+    assert load_taesd(final).config.latent_channels == 4
 
 
 def torchrun(recipe: str, config: dict[str, Any], folder: Path) -> None:

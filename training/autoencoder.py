@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,12 +17,16 @@ from training.data import CropSampler, DataConfig, load_split
 from training.edits import Edit, get_edits
 from training.loop import clip_and_step, module_train_state, run_training
 from training.models import FINAL_FOLDER, load_taesd, save_taesd
+from training.triplets import TripletConfig, TripletStream
 
 
 class AutoencoderConfig(TrainConfig):
     """Reconstruction training of the editor's codec; its latents must also suit diffusion."""
 
     data: DataConfig = Field(default_factory=DataConfig)
+    triplets: TripletConfig | None = Field(
+        None, description="Real (input, instruction, edited) triplets: both images are reconstructed."
+    )
     taesd: TAESDSpec = Field(default_factory=TAESDSpec)
     init_from: Path | None = Field(None, description="Start from this TAESD folder instead of random weights.")
     edits: list[str] | None = Field(None, description="Edits whose outputs are also reconstructed (None = all).")
@@ -51,6 +56,30 @@ def edited_crops(
         rows = edit_rows & (choice == i)
         x[rows] = edits[i](x[rows])
     return x * 2 - 1
+
+
+def image_source(
+    config: AutoencoderConfig, rng: np.random.Generator, progress: dict[str, Any]
+) -> Callable[[], torch.Tensor]:
+    """What the autoencoder recipes train on, a batch a call in [-1, 1]: edited crops of the data section's
+    images; or with `config.triplets`, a real triplet's input or (with edit_probability) its edited image,
+    mixed batch by batch with the edited crops below `triplets.share` (its draw counted in `progress`)."""
+    triplets, crops = None, None
+    if config.triplets is not None:
+        triplets = TripletStream(config.triplets, config.data.crop_size, config.batch_size, config.seed, 0, 1, progress)
+    if config.triplets is None or config.triplets.share < 1:
+        crops = CropSampler(load_split(config.data).train, config.data, rng)
+    edits = get_edits(config.edits)
+
+    def images() -> torch.Tensor:
+        if triplets is not None and (crops is None or rng.random() < triplets.config.share):
+            b = triplets.next()
+            edited = torch.from_numpy(rng.random(b.images.shape[0]) < config.edit_probability)
+            return torch.where(edited[:, None, None, None], b.targets, b.images)
+        assert crops is not None
+        return edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
+
+    return images
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,11 +139,10 @@ def train_on_edited_crops(
     phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
     rng = np.random.default_rng(seed)
     params, optimizer, ema, state = module_train_state(config, module, name, rng)
-    crops = CropSampler(load_split(config.data).train, config.data, rng)
-    edits = get_edits(config.edits)
+    images = image_source(config, rng, state.extra)
 
     def step(_: int) -> dict[str, float]:
-        loss, logged = loss_of(edited_crops(crops, edits, rng, config.batch_size, config.edit_probability))
+        loss, logged = loss_of(images())
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
@@ -133,13 +161,10 @@ def train(config: AutoencoderConfig) -> Path:
         load_taesd(config.init_from) if config.init_from else AutoencoderTiny(**config.taesd.diffusers_kwargs())
     ).train()
     params, optimizer, ema, state = module_train_state(config, taesd, "taesd", rng)
-    split = load_split(config.data)
-    crops = CropSampler(split.train, config.data, rng)
-    edits = get_edits(config.edits)
+    images = image_source(config, rng, state.extra)
 
     def step(_: int) -> dict[str, float]:
-        images = edited_crops(crops, edits, rng, config.batch_size, config.edit_probability)
-        loss, parts, reg, latents = autoencoder_loss(config, taesd, images)
+        loss, parts, reg, latents = autoencoder_loss(config, taesd, images())
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
