@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engines.model import DEFAULT_MODEL_DIR
 from training.autoencoder import AutoencoderConfig
@@ -18,7 +22,8 @@ from training.models import load_editor_model
 from training.prompts import PromptSpec
 from training.teacher import TeacherConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
 
 
 def test_committed_default_configs_validate() -> None:
@@ -45,6 +50,22 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
         load_config(AutoencoderConfig, CONFIGS / "tiny_autoencoder.yaml", ["steps"])
     with pytest.raises(ValueError, match="steps"):
         load_config(AutoencoderConfig, CONFIGS / "tiny_autoencoder.yaml", ["steps=0"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_a_gpu_asked_for_without_one_or_torchrun_for_a_one_process_recipe_is_said_not_traced(tmp_path: Path) -> None:
+    def recipe(module: str, *sets: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        config = ["--config", str(CONFIGS / "tiny_autoencoder.yaml"), "--set", f"output_dir={tmp_path / module}"]
+        command = [sys.executable, "-m", module, *config, *(a for s in sets for a in ("--set", s))]
+        return subprocess.run(
+            command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120
+        )
+
+    no_gpu = recipe("training.autoencoder", "device=cuda")
+    assert no_gpu.returncode == 1 and "torch sees no CUDA GPU" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+    two_ranks = recipe("training.autoencoder", env={"WORLD_SIZE": "2"})
+    assert two_ranks.returncode == 1 and "runs on one process" in two_ranks.stderr
+    assert not (tmp_path / "training.autoencoder" / "final").exists()
 
 
 def test_make_default_skips_finished_stages_and_runs_the_rest_in_order(

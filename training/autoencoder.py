@@ -14,6 +14,7 @@ from pydantic import Field
 
 from training.config import TAESDSpec, TrainConfig, recipe_main
 from training.data import CropSampler, DataConfig, load_split
+from training.distributed import require_one_process, train_device
 from training.edits import Edit, get_edits
 from training.loop import clip_and_step, module_train_state, run_training
 from training.models import FINAL_FOLDER, load_taesd, save_taesd
@@ -111,7 +112,8 @@ def autoencoder_loss(
     """The recipe's loss on one batch: the weighted reconstruction of noised latents plus the latent
     regulariser. Returns (loss, its reconstruction parts, the regulariser, the latents)."""
     latents = taesd.encode(images).latents
-    sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
+    # Drawn on the CPU whatever the device, so a run draws the same noise scales everywhere.
+    sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1).to(latents)
     recon = taesd.decode(latents + sigma * torch.randn_like(latents)).sample
     parts = reconstruction_losses(recon, images)
     reg = latent_regulariser(latents)
@@ -138,11 +140,13 @@ def train_on_edited_crops(
     The data's RNG is seeded here; torch's is the caller's to seed, before or after building `module`."""
     phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
     rng = np.random.default_rng(seed)
-    params, optimizer, ema, state = module_train_state(config, module, name, rng)
+    require_one_process(phase)
+    device = train_device(config.device)
+    params, optimizer, ema, state = module_train_state(config, module.to(device), name, rng)
     images = image_source(config, rng, state.extra)
 
     def step(_: int) -> dict[str, float]:
-        loss, logged = loss_of(images())
+        loss, logged = loss_of(images().to(device))
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
@@ -160,11 +164,13 @@ def train(config: AutoencoderConfig) -> Path:
     taesd = (
         load_taesd(config.init_from) if config.init_from else AutoencoderTiny(**config.taesd.diffusers_kwargs())
     ).train()
-    params, optimizer, ema, state = module_train_state(config, taesd, "taesd", rng)
+    require_one_process("autoencoder")
+    device = train_device(config.device)
+    params, optimizer, ema, state = module_train_state(config, taesd.to(device), "taesd", rng)
     images = image_source(config, rng, state.extra)
 
     def step(_: int) -> dict[str, float]:
-        loss, parts, reg, latents = autoencoder_loss(config, taesd, images())
+        loss, parts, reg, latents = autoencoder_loss(config, taesd, images().to(device))
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:

@@ -95,6 +95,11 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default).")
     progress_interval: float = Field(5.0, gt=0, description="Seconds between progress-bar refreshes.")
     save_dtype: str = Field("float16", description="dtype of the final weights ('float16' or 'float32').")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where the networks train: 'cuda' takes the GPU of the process's LOCAL_RANK (torchrun starts "
+        "one process a GPU). Data are drawn on the CPU either way, so a seeded CPU run is unchanged.",
+    )
 
     @model_validator(mode="after")
     def _check_dtype(self) -> TrainConfig:
@@ -126,11 +131,6 @@ class EditTrainConfig(TrainConfig):
         "rows keep the whole null context.",
     )
 
-    device: Literal["cpu", "cuda"] = Field(
-        "cpu",
-        description="Where the networks train: 'cuda' takes the GPU of the process's LOCAL_RANK (torchrun starts "
-        "one process a GPU). Data are drawn on the CPU either way, so a seeded CPU run is unchanged.",
-    )
     mixed_precision: Literal["no", "bf16"] = Field(
         "no",
         description="'bf16': UNet passes under bf16 autocast on the config's device (losses in fp32): on a GPU "

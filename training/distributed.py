@@ -45,6 +45,12 @@ def init_ranks() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+def require_one_process(recipe: str) -> None:
+    """Refuse a torchrun launch of a recipe that has no data parallelism (each rank would write the same files)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"the {recipe} recipe runs on one process; start it without torchrun")
+
+
 def train_device(name: str) -> torch.device:
     """'cpu', or for 'cuda' the GPU torchrun gave this process (LOCAL_RANK), which becomes the current one."""
     if name == "cpu":

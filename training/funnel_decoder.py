@@ -17,6 +17,7 @@ from torch import nn
 
 from training.autoencoder import AutoencoderConfig, reconstruction_losses, train_on_edited_crops
 from training.config import recipe_main
+from training.distributed import train_device
 from training.funnel import Funnelled, FunnelPlan, coupled_singular_init, funnel, merge, widen
 from training.models import FINAL_FOLDER, load_taesd, save_taesd
 
@@ -117,7 +118,7 @@ def _decoder_phase(
     def loss_of(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
             latents = encoder(images)
-        sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1)
+        sigma = config.latent_noise * torch.rand(latents.shape[0], 1, 1, 1).to(latents)
         parts = reconstruction_losses(decoder(latents + sigma * torch.randn_like(latents)), images)
         loss = config.l1_weight * parts["l1"] + config.mse_weight * parts["mse"] + config.edge_weight * parts["edge"]
         psnr = 10 * torch.log10(4.0 / parts["mse"].detach().clamp_min(1e-10))  # peak-to-peak 2 in [-1, 1]
@@ -130,15 +131,17 @@ def _decoder_phase(
 def train(config: FunnelDecoderConfig) -> Path:
     """Run (or resume) the three phases; writes output_dir/final/taesd/ and returns output_dir/final."""
     start = load_taesd(config.init_from)
-    encoder = start.encoder.requires_grad_(False).eval()
+    encoder = start.encoder.requires_grad_(False).eval().to(train_device(config.device))
     plan = decoder_plan(start.decoder)
     wide_taesd = widened_taesd(start, config.wide_channels)
     wide = widen(
         start.decoder, wide_taesd.decoder, plan, config.widen_noise, torch.Generator().manual_seed(config.seed)
     )
-    wide = _decoder_phase(config, wide.train(), encoder, WIDE_FOLDER, config.wide_steps, config.seed)
+    wide = _decoder_phase(config, wide.train(), encoder, WIDE_FOLDER, config.wide_steps, config.seed).cpu()
+    # The SVDs and the merge run on the CPU, wherever the phases trained.
     funnelled: Funnelled = funnel(wide, plan, coupled_singular_init(wide, plan))
     funnelled = _decoder_phase(config, funnelled.train(), encoder, FUNNEL_FOLDER, config.steps, config.seed + 1)
+    funnelled = funnelled.cpu()
     narrow = load_taesd(config.init_from)
     merge(funnelled, narrow.decoder)
     dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
