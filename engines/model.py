@@ -69,6 +69,17 @@ def load_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
         raise ModelFolderError(f"could not load the CLIP prompt encoder from {folder}: {exc}") from exc
 
 
+def load_schedule(folder: Path) -> NoiseSchedule:
+    """The noise schedule of a model folder's scheduler/ config; the shipped default's where it has none."""
+    path = folder / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME
+    if not path.is_file():
+        return NoiseSchedule.default()
+    try:
+        return NoiseSchedule.from_scheduler_config(json.loads(path.read_text()))
+    except ValueError as exc:
+        raise ModelFolderError(f"{path}: {exc}") from exc
+
+
 def codec_folder(folder: Path, taesd: str | Path | None) -> Path:
     """Where the autoencoder is: `taesd`, else folder/taesd/, else folder/vae/; ModelFolderError if none."""
     candidates = [Path(taesd)] if taesd is not None else [folder / TAESD_FOLDER, folder / VAE_FOLDER]
@@ -140,15 +151,7 @@ class EditorModel:
         wanted = None if config.guidance_embedding_dim is None else 2 * config.guidance_embedding_dim
         if proj != wanted:
             raise ModelFolderError(f"unet time_cond_proj_dim={proj} but editor.json implies {wanted}")
-        scheduler_path = folder / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME
-        try:
-            schedule = (
-                NoiseSchedule.from_scheduler_config(json.loads(scheduler_path.read_text()))
-                if scheduler_path.is_file()
-                else NoiseSchedule.default()
-            )
-        except ValueError as exc:
-            raise ModelFolderError(f"{scheduler_path}: {exc}") from exc
+        schedule = load_schedule(folder)
         encoder = prompt_encoder or load_prompt_encoder(config, folder)
         if encoder.dim != unet.config.cross_attention_dim:
             raise ModelFolderError(

@@ -13,7 +13,7 @@ from diffusers import AutoencoderTiny, UNet2DConditionModel
 
 from engines.autoencoder import TinyCodec
 from engines.config import EditorConfig
-from engines.model import TAESD_FOLDER, EditorModel
+from engines.model import TAESD_FOLDER, EditorModel, load_schedule
 from engines.sampling import NoiseSchedule
 from engines.unet import GuidedUNet
 from training.distributed import Ranks, barrier
@@ -110,13 +110,7 @@ def model_conventions(path: Path) -> tuple[NoiseSchedule, float]:
     them: ours predict x0 on TAESD latents; a converted stock InstructPix2Pix predicts noise and reads its image
     condition unscaled."""
     folder = model_folder(path)
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    schedule = (
-        NoiseSchedule.from_scheduler_config(json.loads(scheduler.read_text()))
-        if scheduler.is_file()
-        else training_schedule()
-    )
-    return schedule, EditorConfig.load(folder).image_latent_scale
+    return load_schedule(folder), EditorConfig.load(folder).image_latent_scale
 
 
 def save_editor(
