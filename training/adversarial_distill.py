@@ -20,7 +20,7 @@ from training.checkpoint import TrainState
 from training.config import EditTrainConfig, recipe_main
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, hinge_discriminator_loss, r1_penalty
 from training.distributed import Ranks, average_gradients, data_parallel, init_ranks, replicate, train_device
-from training.draws import row_weighted_mse, row_weights, sample_scales
+from training.draws import row_mask, row_weighted_mse, row_weights, sample_scales
 from training.loop import EMA, clip_and_step, make_adamw, run_training, unet_precision
 from training.models import load_editor_model, save_final_editor
 
@@ -141,10 +141,6 @@ class AdversarialStep:
     def device(self) -> torch.device:
         return next(self.taesd.parameters()).device
 
-    def rows(self, probability: float, n: int) -> torch.Tensor:
-        """A (n,) mask of rows drawn with `probability`, on the step's device."""
-        return torch.from_numpy(self.rng.random(n) < probability).to(self.device)
-
     def draw(self) -> DistillationRows:
         c, rng = self.config, self.rng
         b = self.sampler.sample(c.batch_size).to(self.device)
@@ -152,13 +148,13 @@ class AdversarialStep:
         null = self.sampler.table.null.to(self.device)
         with torch.no_grad():
             z_image = self.taesd.encode(b.images).latents
-        empty = self.rows(c.empty_prompt_probability, n)
+        empty = row_mask(self.rng, n, c.empty_prompt_probability, self.device)
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
         scales = sample_scales(rng, n, c.text_guidance_range, c.image_guidance_range).to(self.device)
-        anchored = self.rows(c.anchor_probability, n)
+        anchored = row_mask(self.rng, n, c.anchor_probability, self.device)
         scales[anchored] = 1.0
         if c.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
-            mixed = self.rows(c.context_mix_probability, n) & ~anchored
+            mixed = row_mask(self.rng, n, c.context_mix_probability, self.device) & ~anchored
             context = mix_contexts(context, mixed, rng)
         cond = z_image * self.editor.image_latent_scale
         return DistillationRows(z_image, cond, context, scales, anchored, empty, b.targets)
@@ -194,7 +190,7 @@ class AdversarialStep:
         t_student = self.editor.student_timestep
         x_start = student_start(self.schedule, torch.randn_like(rows.z_image), t_student, None)
         ts = torch.full((n,), t_student, dtype=torch.long, device=self.device)
-        sentence_only = self.rows(self.config.sentence_only_probability, n)
+        sentence_only = row_mask(self.rng, n, self.config.sentence_only_probability, self.device)
         student_context = keep_first_token(rows.context, sentence_only)
         with unet_precision(self.config):
             out = self.student_pass(torch.cat([x_start, rows.cond], 1), ts, student_context, rows.scales)

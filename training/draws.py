@@ -6,6 +6,13 @@ import numpy as np
 import torch
 
 
+def row_mask(
+    rng: np.random.Generator, batch: int, probability: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """A (batch,) boolean mask of rows chosen with `probability`, one uniform draw a row, on `device`."""
+    return torch.from_numpy(rng.random(batch) < probability).to(device)
+
+
 def sample_timesteps(rng: np.random.Generator, batch: int, num_train: int, high_t_probability: float) -> torch.Tensor:
     """Uniform timesteps, with a share set to the last one (the one-step student's)."""
     t = rng.integers(0, num_train, size=batch)

@@ -14,7 +14,7 @@ from engines.unet import GuidedUNet, add_guidance_embedding, unet_config
 from training.batches import keep_first_token, make_batch_source, mix_contexts
 from training.config import EditTrainConfig, recipe_main
 from training.distributed import data_parallel, init_ranks, train_device
-from training.draws import row_weighted_mse, row_weights, sample_scales, sample_timesteps
+from training.draws import row_mask, row_weighted_mse, row_weights, sample_scales, sample_timesteps
 from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import editor_config, load_editor_model, save_final_editor
 
@@ -116,28 +116,25 @@ def train(config: GuidanceDistillConfig) -> Path:
     sampler = make_batch_source(config, rng, state.extra, ranks)
     null = sampler.table.null.to(device)
 
-    def rows(probability: float, n: int) -> torch.Tensor:
-        return torch.from_numpy(rng.random(n) < probability).to(device)
-
     def step(_: int) -> dict[str, float]:
         b = sampler.sample(config.batch_size).to(device)
         with torch.no_grad():
             z_image = taesd.encode(b.images).latents
             z_target = taesd.encode(b.targets).latents
         n = z_image.shape[0]
-        empty = rows(config.empty_prompt_probability, n)
+        empty = row_mask(rng, n, config.empty_prompt_probability, device)
         context = torch.where(empty[:, None, None], null.expand_as(b.context), b.context)
         z_target = torch.where(empty[:, None, None, None], z_image, z_target)
         if config.context_mix_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
-            context = mix_contexts(context, rows(config.context_mix_probability, n), rng)
+            context = mix_contexts(context, row_mask(rng, n, config.context_mix_probability, device), rng)
         scales = sample_scales(rng, n, config.text_guidance_range, config.image_guidance_range).to(device)
-        scales[rows(config.anchor_probability, n)] = 1.0
+        scales[row_mask(rng, n, config.anchor_probability, device)] = 1.0
         cond = z_image * editor.image_latent_scale
         t = sample_timesteps(rng, n, num_train, config.high_t_probability).to(device)
         x_t = schedule.add_noise(z_target, torch.randn_like(z_target), t)
         with torch.no_grad(), unet_precision(config):
             guided = cfg_prediction(teacher, schedule, x_t, cond, t, context, null[None], scales[:, 0], scales[:, 1])
-        sentence_only = rows(config.sentence_only_probability, n)
+        sentence_only = row_mask(rng, n, config.sentence_only_probability, device)
         with unet_precision(config):
             prediction = student(torch.cat([x_t, cond], 1), t, keep_first_token(context, sentence_only), scales)
         weights = row_weights(scales, config.relative_text_scale_loss).to(device)

@@ -15,7 +15,7 @@ from engines.unet import GuidedUNet
 from training.batches import keep_first_token, make_batch_source
 from training.config import EditTrainConfig, UNetSpec, recipe_main
 from training.distributed import data_parallel, init_ranks, train_device
-from training.draws import sample_timesteps
+from training.draws import row_mask, sample_timesteps
 from training.loop import clip_and_step, run_training, unet_precision, unet_train_state
 from training.models import (
     editor_config,
@@ -74,19 +74,19 @@ def train(config: TeacherConfig) -> Path:
     device = train_device(config.device)
     torch.manual_seed(ranks.seed(config.seed))
     rng = np.random.default_rng(ranks.seed(config.seed))
-    schedule, image_latent_scale = training_schedule(), 1.0
-    if config.init_from is not None:  # a fine-tune keeps what the UNet was trained with (a converted stock model)
-        schedule, image_latent_scale = model_conventions(config.init_from)
-    num_train = len(schedule.alphas_cumprod)
     taesd = load_taesd(config.autoencoder).requires_grad_(False).to(device)
     if config.init_from is not None:
-        # Only the UNet is taken: a fine-tune may change the prompt encoder (e.g. add the sentence token).
+        # A fine-tune keeps the schedule and image-latent scale its UNet was trained with (a converted stock
+        # model's differ from ours). Only the UNet is taken: a fine-tune may change the prompt encoder.
+        schedule, image_latent_scale = model_conventions(config.init_from)
         unet = UNet2DConditionModel.from_pretrained(model_folder(config.init_from) / "unet", torch_dtype=torch.float32)
         if unet.config.time_cond_proj_dim is not None:
             raise ValueError(f"{config.init_from} is guidance-distilled; a teacher starts from a 3-pass model")
     else:
+        schedule, image_latent_scale = training_schedule(), 1.0
         unet_config = config.unet.diffusers_config(config.prompts.dim, taesd.config.latent_channels)
         unet = UNet2DConditionModel.from_config(unet_config)
+    num_train = len(schedule.alphas_cumprod)
     unet.to(device).train()
     model = data_parallel(ranks, GuidedUNet(unet, None, 1.0))
     editor = editor_config(config.prompts, config.resolution, None, image_latent_scale)
@@ -107,8 +107,7 @@ def train(config: TeacherConfig) -> Path:
         context = torch.where(text_dropped[:, None, None], null.expand_as(b.context), b.context)
         if config.sentence_only_probability > 0:  # off: no draw, so the RNG stream matches runs made before it
             # Text-dropped rows keep the whole null context: it is what CFG's unconditional passes feed.
-            sentence_only = torch.from_numpy(rng.random(n) < config.sentence_only_probability).to(device)
-            sentence_only &= ~text_dropped
+            sentence_only = row_mask(rng, n, config.sentence_only_probability, device) & ~text_dropped
             context = keep_first_token(context, sentence_only)
         if config.null_text_target == "identity":
             z_target = torch.where(text_dropped[:, None, None, None], z_image, z_target)
