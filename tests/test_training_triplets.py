@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderTiny
 
 from engines.model import EditorModel
+from tests.test_training_recipes import PROMPTS, TINY_UNET
 from training.adversarial_distill import AdversarialDistillConfig
 from training.adversarial_distill import train as train_adversarial
 from training.autoencoder import AutoencoderConfig
@@ -34,8 +35,6 @@ from training.teacher import train as train_teacher
 from training.triplets import BATCHES_DRAWN, TripletConfig, TripletStream, open_triplets
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS: dict[str, Any] = {"encoder": "hash", "hash_dim": 16, "tokens": 8}
-TINY_UNET: dict[str, Any] = {"block_out_channels": [16, 32], "attention_head_dim": 2, "norm_num_groups": 8}
 INSTRUCTIONS = {
     "negative": ["invert the colours", "make a photo negative of it"],
     "black_and_white": ["remove the colour", "make it a grey photograph"],

@@ -134,16 +134,15 @@ def make_batch_source(
 ) -> BatchSource:
     """The recipe's batches: procedural edits (as make_edit_sampler), or with `config.triplets` this rank's share
     of a real dataset (counted in `progress`, a checkpointed dict), mixed with procedural edits below share 1."""
-    if config.triplets is None:
-        sampler, _ = make_edit_sampler(
-            config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
-        )
-        return sampler
     procedural = None
-    if config.triplets.share < 1:
+    if config.triplets is None or config.triplets.share < 1:
         procedural, _ = make_edit_sampler(
             config.data, config.prompts, config.edits, config.output_dir, rng, config.token_dropout
         )
+    if config.triplets is None:
+        assert procedural is not None
+        return procedural
+    if procedural is not None:
         table = procedural.table
     else:
         table = build_prompt_table(config.prompts, [], Path(config.output_dir) / PROMPT_CACHE)
