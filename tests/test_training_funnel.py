@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
+from tests.test_engine_loading import make_tiny_student_folder
 from training.ae_capacity import CapacityConfig, Variant, measure, render, widened_start
 from training.config import load_config
 from training.data import REPO_ROOT
@@ -192,3 +193,34 @@ def test_the_capacity_measurement_trains_each_variant_and_scores_its_round_trip(
     assert results["control"]["frames"]["psnr"] != results["start (not trained further)"]["frames"]["psnr"]
     assert [r["step"] for r in read_loss_log(tmp_path / "capacity" / "latent 8")] == [1, 2, 3]
     assert "| frames |" in render(results, config)
+
+
+def test_the_decoder_also_learns_a_students_outputs_and_resumes_exactly(tmp_path: Path) -> None:
+    """With `student`, batches decode a one-step student's x̂0 towards the exact edit; the phases resume as before."""
+    student = make_tiny_student_folder(tmp_path / "student")
+    fields = tiny_run(
+        tmp_path / "run",
+        student / "taesd",
+        student=student,
+        prompts={"encoder": "clip", "clip_folder": student, "tokens": 8},
+        student_share=1.0,
+        student_identity_share=0.5,
+        steps=4,
+        checkpoint_every=2,
+        wide_channels=16,
+        wide_steps=2,
+    )
+    config = FunnelDecoderConfig.model_validate(fields)
+    served = load_taesd(train(config))
+    assert served.config.decoder_block_out_channels == load_taesd(student / "taesd").config.decoder_block_out_channels
+    rows = read_loss_log(tmp_path / "run" / "funnel")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["psnr"] > 0 for r in rows)
+    before = {k: v.clone() for k, v in served.decoder.state_dict().items()}
+    again = load_taesd(train(config))
+    assert all(torch.equal(v, before[k]) for k, v in again.decoder.state_dict().items())
+
+    other = FunnelDecoderConfig.model_validate(
+        {**fields, "output_dir": tmp_path / "other", "init_from": saved_tiny_taesd(tmp_path)}
+    )
+    with pytest.raises(ValueError, match="reads latents of another encoder"):
+        train(other)

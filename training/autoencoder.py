@@ -133,20 +133,28 @@ def train_on_edited_crops(
     phase: str,
     steps: int,
     seed: int,
-    loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    loss_of: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    source: Callable[[np.random.Generator, dict[str, Any]], Callable[[], Any]] | None = None,
 ) -> torch.nn.Module:
-    """Train (or resume) `module` (checkpointed as `name`) under output_dir/<phase> for `steps` on edited crops in
-    [-1, 1], with `loss_of(images)` giving the loss and its logged parts; returns the EMA (or the module itself).
-    The data's RNG is seeded here; torch's is the caller's to seed, before or after building `module`."""
+    """Train (or resume) `module` (checkpointed as `name`) under output_dir/<phase> for `steps`, with
+    `loss_of(batch)` giving the loss and its logged parts; returns the EMA (or the module itself). Batches are edited
+    crops in [-1, 1] on the device (image_source), or what `source(rng, progress)` makes. The data's RNG is seeded
+    here; torch's is the caller's to seed, before or after building `module`."""
     phase_config = config.model_copy(update={"output_dir": Path(config.output_dir) / phase, "steps": steps})
     rng = np.random.default_rng(seed)
     require_one_process(phase)
     device = train_device(config.device)
     params, optimizer, ema, state = module_train_state(config, module.to(device), name, rng)
-    images = image_source(config, rng, state.extra)
+    if source is None:
+        images = image_source(config, rng, state.extra)
+
+        def batches() -> torch.Tensor:
+            return images().to(device)
+    else:
+        batches = source(rng, state.extra)
 
     def step(_: int) -> dict[str, float]:
-        loss, logged = loss_of(images().to(device))
+        loss, logged = loss_of(batches())
         loss.backward()
         norm = clip_and_step(optimizer, params, config.grad_clip)
         if ema is not None:
