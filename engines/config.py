@@ -22,6 +22,21 @@ DEFAULT_CFG_STEPS = 20
 MAX_SAMPLER_STEPS = 100
 
 
+#: A model folder's prompt routing table (engines.routing), beside editor.json.
+ROUTES_FILE = "prompt_routes.safetensors"
+
+
+class PromptRouting(BaseModel):
+    """How a prompt is routed (editor.json `prompt_routing`); the table is ROUTES_FILE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(3, ge=1, description="An edit's score is the mean cosine similarity of its k nearest phrasings.")
+    temperature: float = Field(
+        0.02, gt=0, description="Softmax temperature over the edits' scores (lower: closer to the single best edit)."
+    )
+
+
 def default_steps(fields: dict[str, Any]) -> int:
     """A distilled student edits in one step; a model that needs 3-pass CFG runs DEFAULT_CFG_STEPS."""
     return 1 if fields.get("guidance_embedding_dim") is not None else DEFAULT_CFG_STEPS
@@ -76,6 +91,12 @@ class EditorConfig(BaseModel):
         gt=0,
         description="Multiplier from TAESD latents (SD's scaled space) to the UNet's image-conditioning "
         "space: 1/0.18215 for a stock InstructPix2Pix UNet, 1.0 for models trained on TAESD latents.",
+    )
+
+    prompt_routing: PromptRouting | None = Field(
+        None,
+        description="Read every non-empty prompt as a blend of the trained edits (engines.routing), from the table in "
+        f"{ROUTES_FILE}; None: the prompt encoder's context as it is.",
     )
 
     default_text_guidance: float = Field(7.5, ge=0, le=20, description="s_T a new session starts with.")

@@ -12,7 +12,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
 from engines.attention import use_one_token_cross_attention
 from engines.autoencoder import Codec, KLCodec, TinyCodec
-from engines.config import DEFAULT_MODEL_DIR, EditorConfig
+from engines.config import DEFAULT_MODEL_DIR, ROUTES_FILE, EditorConfig, PromptRouting
+from engines.routing import RoutedPromptEncoder, RouteTable
 from engines.sampling import NoiseSchedule
 from engines.text import CLIPPromptEncoder, MiniLMPromptEncoder, PromptEncoder
 from engines.unet import GuidedUNet
@@ -57,6 +58,23 @@ def _require_tokenizer(path: Path) -> None:
 
 
 def load_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
+    """The folder's prompt encoder, routed through its table (ROUTES_FILE) when editor.json asks for routing."""
+    encoder = load_base_prompt_encoder(config, folder)
+    return encoder if config.prompt_routing is None else route_prompts(encoder, config.prompt_routing, folder)
+
+
+def route_prompts(encoder: PromptEncoder, routing: PromptRouting, folder: Path) -> RoutedPromptEncoder:
+    """`encoder` routed through `folder`'s table; a missing or broken table is a ModelFolderError."""
+    path = folder / ROUTES_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"editor.json asks for prompt routing but {path} is missing")
+    try:
+        return RoutedPromptEncoder(encoder, RouteTable.load(path), routing)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"could not load the prompt routes {path}: {exc}") from exc
+
+
+def load_base_prompt_encoder(config: EditorConfig, folder: Path) -> PromptEncoder:
     if config.prompt_encoder in MiniLMPromptEncoder.CONTEXTS:
         return MiniLMPromptEncoder.named(config.prompt_encoder, config.max_prompt_tokens)
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():

@@ -10,6 +10,7 @@ import pytest
 
 from training.edits import EDIT_FUNCTIONS, EDITS, PHRASINGS_FILE, Edit, black_and_white, load_edits
 from training.paraphrases import PHRASINGS_PER_EDIT, content_words, load_unseen_phrasings
+from training.prompt_routes import load_routing_phrasings
 
 
 def test_every_edit_has_five_unseen_phrasings_sharing_no_content_word_with_training() -> None:
@@ -56,3 +57,13 @@ def test_an_edit_the_file_names_without_an_operation_is_refused(tmp_path: Path) 
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="oil_painting"):
         load_edits(path)
+
+
+def test_routing_phrasings_share_no_content_word_with_the_unseen_ones_and_hold_no_held_out_phrasing() -> None:
+    """Routing reads these as known wordings of an edit, so they are training data for the paraphrase spread too."""
+    routing = load_routing_phrasings()
+    assert set(routing) <= {edit.name for edit in EDITS} and sum(map(len, routing.values())) > 12 * 30
+    as_edits = tuple(Edit(name, black_and_white, phrasings, ()) for name, phrasings in routing.items())
+    assert load_unseen_phrasings().overlaps(as_edits) == {}
+    held_out = {p for edit in EDITS for p in edit.held_out}
+    assert not held_out & {p for ps in routing.values() for p in ps}

@@ -21,7 +21,7 @@ from engines.autoencoder import Codec
 from engines.backends.base import Backend
 from engines.backends.torch_backend import TorchBackend
 from engines.editor import Editor, EditRequest, frames_to_tensor, tensor_to_frames
-from engines.model import EditorModel
+from engines.model import EditorModel, route_prompts
 from engines.params import EditParams
 from engines.sampling import teacher_sample
 from engines.temporal import StreamState
@@ -263,6 +263,11 @@ def evaluate(config: EvaluateConfig) -> Path:
     build_prompt_table(config.prompts, [*held_out, *(e.phrasings[0] for e in edits)], None)  # fail early on prompts
 
     student_model = load_editor_model(config.student, config.prompts)
+    routing = student_model.config.prompt_routing
+    if routing is not None:  # scored as it is served: every prompt read through the folder's routing table
+        student_model.prompt_encoder = route_prompts(
+            student_model.prompt_encoder, routing, model_folder(config.student)
+        )
     student_model.config = student_model.config.model_copy(update={"resolution": config.resolution})
     methods = [one_step_method(student_model, config.seed)]
     models = {"one-step student": student_model}
