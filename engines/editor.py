@@ -78,14 +78,19 @@ class Editor:
         return self.config.resolution
 
     def describe(self) -> str:
-        """Which sampling path runs and what a frame costs, for the startup log."""
+        """Which sampling path runs, what a frame costs and how prompts are read, for the startup log."""
         if self.one_step:
-            return "one-step distilled student, 1 UNet row per frame"
-        kind = "guidance-distilled" if self.config.distilled else "3-pass CFG"
-        return (
-            f"{self.config.steps}-step {kind} sampler ({self.schedule.sampler_class}), "
-            f"{self.rows_per_frame} UNet rows per frame"
-        )
+            path = "one-step distilled student, 1 UNet row per frame"
+        else:
+            kind = "guidance-distilled" if self.config.distilled else "3-pass CFG"
+            path = (
+                f"{self.config.steps}-step {kind} sampler ({self.schedule.sampler_class}), "
+                f"{self.rows_per_frame} UNet rows per frame"
+            )
+        routing = self.config.prompt_routing
+        if routing is None:
+            return path
+        return f"{path}; prompts routed to the trained edits (top-{routing.top_k}, temperature {routing.temperature})"
 
     @torch.inference_mode()
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:

@@ -264,10 +264,10 @@ def evaluate(config: EvaluateConfig) -> Path:
 
     student_model = load_editor_model(config.student, config.prompts)
     routing = student_model.config.prompt_routing
+    routed_phrasings = 0
     if routing is not None:  # scored as it is served: every prompt read through the folder's routing table
-        student_model.prompt_encoder = route_prompts(
-            student_model.prompt_encoder, routing, model_folder(config.student)
-        )
+        routed = route_prompts(student_model.prompt_encoder, routing, model_folder(config.student))
+        student_model.prompt_encoder, routed_phrasings = routed, len(routed.table.phrasings)
     student_model.config = student_model.config.model_copy(update={"resolution": config.resolution})
     methods = [one_step_method(student_model, config.seed)]
     models = {"one-step student": student_model}
@@ -361,6 +361,7 @@ def evaluate(config: EvaluateConfig) -> Path:
         "sweep": sweep,
         "timings": timings,
         "methods": [m.name for m in methods],
+        "prompt_routing": None if routing is None else {**routing.model_dump(), "phrasings": routed_phrasings},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = out / "report.md"
@@ -538,6 +539,18 @@ def _sharper_default_checks(results: dict, student: str) -> list[str]:  # type: 
     ]
 
 
+def _routing_lines(routing: dict | None) -> list[str]:  # type: ignore[type-arg]
+    if routing is None:
+        return []
+    return [
+        f"Prompts reach the one-step student through its routing table (engines/routing.py; {routing['phrasings']} "
+        f"known phrasings, top-{routing['top_k']}, temperature {routing['temperature']}), as the service reads them: "
+        "every phrasing below, held-out or unseen, is fed as a blend of the trained edits' contexts. None of those "
+        "phrasings is in the table. The teacher and the guidance-distilled model read the raw contexts.",
+        "",
+    ]
+
+
 def render_report(results: dict) -> str:  # type: ignore[type-arg]
     """The markdown report, with the issue's acceptance checks spelled out."""
     config = results["config"]
@@ -556,6 +569,7 @@ def render_report(results: dict) -> str:  # type: ignore[type-arg]
         f"teacher `{config['teacher']}`. Regenerate: `.venv/bin/python -m training.evaluate --config "
         "training/configs/default_evaluate.yaml` (with `--set student=...` etc. for other models).",
         "",
+        *_routing_lines(results.get("prompt_routing")),
         "## PSNR (dB) / SSIM against the target",
         "",
         "| edit | prompt | input (baseline) | " + " | ".join(methods) + " | student − input | student − teacher |",
