@@ -223,8 +223,13 @@ def bench_autoencoders(sizes: list[int], reps: dict[int, int]) -> list[dict[str,
     return rows
 
 
-def bench_backends(reps: int, threads: int) -> dict[str, Any]:
-    """The shipped default editor, one frame per call, through the torch and the onnxruntime backends."""
+#: The name of another model's onnxruntime timings in bench_backends (a frame-budget comparison).
+BASELINE = "baseline onnxruntime"
+
+
+def bench_backends(reps: int, threads: int, baseline: Path | None = None) -> dict[str, Any]:
+    """The shipped default editor, one frame per call, through the torch and the onnxruntime backends; with
+    `baseline` (another model folder), that one through onnxruntime too, in the same round-robin."""
     model = EditorModel.from_pretrained(DEFAULT_MODEL_DIR)
     resolution = model.config.resolution
     prompts = CachedPromptEncoder(model.prompt_encoder)
@@ -236,23 +241,29 @@ def bench_backends(reps: int, threads: int) -> dict[str, Any]:
             "torch": Editor(TorchBackend(model), model.config, model.schedule, prompts),
             "onnxruntime": Editor(ort, model.config, model.schedule, prompts),
         }
+        if baseline is not None:
+            other = EditorModel.from_pretrained(baseline)
+            other_ort = OnnxRuntimeBackend(other, resolution, Path(cache), threads=threads)
+            other_prompts = CachedPromptEncoder(other.prompt_encoder)
+            editors[BASELINE] = Editor(other_ort, other.config, other.schedule, other_prompts)
         frame = np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
         params = EditParams()
-        context = prompts(params.prompt)
+        contexts = {n: e.encode_prompt(params.prompt) for n, e in editors.items()}
         states = {n: StreamState(params.seed) for n in editors}
 
         def edit(name: str) -> Callable[[], object]:
-            return lambda: editors[name].edit([EditRequest(frame, context, params, states[name])])
+            return lambda: editors[name].edit([EditRequest(frame, contexts[name], params, states[name])])
 
         flops = count_flops(edit("torch"))
         times = interleaved({n: edit(n) for n in editors}, reps, warmup=2)
     ms = {n: median_ms(v) for n, v in times.items()}
+    against = f" | {BASELINE} {ms[BASELINE]:.1f} ms" if baseline is not None else ""
     print(
         f"Default editor {resolution}² per frame: torch {ms['torch']:.1f} ms | onnxruntime {ms['onnxruntime']:.1f} ms"
-        f" | {flops / 1e9:.2f} GFLOPs | ORT export {export_s:.1f} s",
+        f"{against} | {flops / 1e9:.2f} GFLOPs | ORT export {export_s:.1f} s",
         flush=True,
     )
-    return {
+    result = {
         "resolution": resolution,
         "weights": str(DEFAULT_MODEL_DIR),
         "fingerprint": model.fingerprint,
@@ -262,6 +273,10 @@ def bench_backends(reps: int, threads: int) -> dict[str, Any]:
         "onnx_export_s": export_s,
         "ort_over_torch": ms["onnxruntime"] / ms["torch"],
     }
+    if baseline is not None:
+        result["baseline"] = {"weights": str(baseline), "fingerprint": other.fingerprint}
+        result["ort_over_baseline_ort"] = ms["onnxruntime"] / ms[BASELINE]
+    return result
 
 
 def report(machine: dict[str, Any], command: str, results: dict[str, Any]) -> str:
