@@ -100,7 +100,8 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
     parts.append(
         f"Clips: {', '.join(data['clips'])} from `shared/media` — {ATTRIBUTION}. {data['frames']} frames each "
         f"(every {data['stride']}), centre-cropped and resized to {data['resolution']}², edited one at a time as "
-        f'one session would, backend `{data["backend"]}`, prompt "{data["prompt"]}", s_T {data["text_guidance"]}, '
+        f"one session would, backend `{data['backend']}` (precision {data.get('precision', 'fp32')}), "
+        f'prompt "{data["prompt"]}", s_T {data["text_guidance"]}, '
         f"s_I {data['image_guidance']}, seed {data['seed']}.\n\n"
         "Flicker (`engines.temporal.flicker`): mean |O_t − O_{t−1}| / mean |I_t − I_{t−1}|; 1 = the output "
         "changes as much as the camera frame, lower is steadier. UNet calls per video second: UNet rows run / "
@@ -185,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=24, help="frames per clip")
     parser.add_argument("--stride", type=int, default=1, help="use every n-th frame of the clip")
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="onnxruntime")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "int8"),
+        default="auto",
+        help="ONNX Runtime graphs: auto (what the service runs: int8 where the model has ranges), fp32 or int8",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 suits a shared machine)")
     parser.add_argument("--prompt", default=EditParams().prompt)
     args = parser.parse_args(argv)
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     command = command_line()
-    editor = load_editor(EngineSpec(weights=args.weights, backend=args.backend, threads=args.threads))
+    spec = EngineSpec(weights=args.weights, backend=args.backend, threads=args.threads, precision=args.precision)
+    editor = load_editor(spec)
     from engines.model import DEFAULT_MODEL_DIR, folder_fingerprint
 
     fingerprint = folder_fingerprint(args.weights or DEFAULT_MODEL_DIR)
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "stride": args.stride,
         "resolution": editor.resolution,
         "backend": args.backend,
+        "precision": args.precision,
         "prompt": args.prompt,
         "text_guidance": base.text_guidance,
         "image_guidance": base.image_guidance,
