@@ -6,13 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from engines.config import EDITOR_CONFIG_NAME, ROUTES_FILE, EditorConfig
+from engines.routing import RouteTable
 from training.config import TrainConfig, load_raw_config
 from training.data import MEDIA_ATTRIBUTION, PHOTOS
 from training.edits import get_edits
 from training.evaluate import GAIN_BAR_DB
+from training.funnel_decoder import FUNNEL_FOLDER, WIDE_FOLDER, FunnelDecoderConfig
 from training.guidance_distill import GuidanceDistillConfig
 from training.loop import read_loss_log
-from training.models import FINAL_FOLDER
+from training.models import FINAL_FOLDER, ran_config
 from training.prompts import PromptSpec
 from training.stage_configs import STAGE_CONFIG_FILES, stage_configs
 
@@ -70,6 +73,55 @@ def training_hours(output_dir: Path) -> float:
     return (total + segment) / 3600
 
 
+#: The funnelled-decoder stage's folder beside the other stages, and the config that made the shipped one.
+DECODER_STAGE = "funnel_decoder"
+DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
+
+
+def decoder_stage(folder: Path) -> FunnelDecoderConfig | None:
+    """What a funnelled-decoder stage ran (its funnel phase's saved config), when the model has one."""
+    raw = ran_config(folder / FUNNEL_FOLDER / FINAL_FOLDER)
+    return None if raw is None else FunnelDecoderConfig.model_validate(raw)
+
+
+def _decoder_note(decoder: FunnelDecoderConfig | None) -> str:
+    if decoder is None:
+        return ""
+    drawn = f", and to draw the one-step student's own outputs ({decoder.student})" if decoder.student else ""
+    return (
+        f" Its decoder was then trained {decoder.wide_channels} wide and funnelled back to its served width "
+        f"(MobileVD's channel funnels, merged into plain convolutions: the served graph is unchanged){drawn}; the "
+        "encoder is unchanged, so the UNet reads the same latents."
+    )
+
+
+def _decoder_row(folder: Path, decoder: FunnelDecoderConfig) -> str:
+    hours = training_hours(folder / WIDE_FOLDER) + training_hours(folder / FUNNEL_FOLDER)
+    return (
+        f"| funnel_decoder | training/configs/{DECODER_CONFIG_FILE} | {decoder.init_from} | "
+        f"{decoder.wide_steps} wide + {decoder.steps} funnelled × {decoder.batch_size} | {hours:.2f} |"
+    )
+
+
+def _prompts_line(student: Path) -> str:
+    folder = student if (student / EDITOR_CONFIG_NAME).is_file() else student / FINAL_FOLDER
+    routing = EditorConfig.load(folder).prompt_routing if (folder / EDITOR_CONFIG_NAME).is_file() else None
+    if routing is None:
+        return (
+            "- Prompts outside the lists below still produce an output (MiniLM places paraphrases near the "
+            "trained phrasings); unrelated prompts give some blend of the trained edits."
+        )
+    known = len(RouteTable.load(folder / ROUTES_FILE).phrasings)
+    return (
+        f"- Prompts are routed (engines/routing.py): each is read by its nearest of {known} known "
+        "phrasings (training/phrasings.json and the routing-only training/routing_phrasings.json), top-"
+        f"{routing.top_k} per edit, and fed to the UNet as a blend of the trained edits' own contexts. A wording "
+        "read as one edit gets that edit's full trained output; an unrelated prompt gets its nearest edits. The "
+        "reading is MiniLM's sentence similarity: names and jargon it does not know can land on another edit "
+        "(the report's paraphrase table shows which)."
+    )
+
+
 def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type-arg]
     root = Path(evaluate_config["student"]).parent  # the stages sit side by side (make_default --root)
     stage_dirs: dict[str, Path] = {}
@@ -78,6 +130,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         stage_dirs[name] = root / name if (root / name).is_dir() else default_dir
     # What each stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
     stages = stage_configs(stage_dirs, config_dir)
+    decoder = decoder_stage(root / DECODER_STAGE)
     data = stages.teacher.data
     edits = get_edits(stages.teacher.edits)
     lines = [
@@ -96,8 +149,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"{list(stages.guidance_distill.text_guidance_range)}, s_I ∈ "
         f"{list(stages.guidance_distill.image_guidance_range)}; values outside are untrained "
         "(InstructPix2Pix's usual s_T = 7.5 is far outside and saturates).",
-        "- Prompts outside the lists below still produce an output (MiniLM places paraphrases near the "
-        "trained phrasings); unrelated prompts give some blend of the trained edits.",
+        _prompts_line(Path(evaluate_config["student"])),
         "",
         "## Edits (12 exact classical operations, training/edits.py)",
         "",
@@ -117,7 +169,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"latent), x0-prediction, SD's scaled-linear schedule; (s_T, s_I) sinusoidal embeddings of width "
         f"{stages.guidance_distill.guidance_embedding_dim} each.",
         f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages.autoencoder.taesd.width} "
-        "channels wide, 4 latent channels, trained here.",
+        "channels wide, 4 latent channels, trained here." + _decoder_note(decoder),
         f"- Prompt encoder: {_encoder_line(stages.adversarial_distill.prompts)}",
         "",
         "## Training (reproduce from the repository root)",
@@ -138,6 +190,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
             f"| {name} | training/configs/{file} | {starts_from(name, cfg)} "
             f"| {cfg.steps} × {cfg.batch_size} | {hours} |"
         )
+    if decoder is not None:
+        lines.append(_decoder_row(root / DECODER_STAGE, decoder))
     lines += [
         "",
         "Paths under training/weights/ name the stage weights committed when the stage ran (training/README.md "
