@@ -126,6 +126,11 @@ def test_the_builder_answers_bad_input_with_a_message(tmp_path: Path, capsys: py
     assert "unknown edits ['oil_painting']" in capsys.readouterr().err
     assert main(["--model", str(folder), "--phrasings", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+    phrasings.write_text(json.dumps({"sepia": ["brownish antique tint"]}))
+    assert main(["--model", str(folder), "--phrasings", str(phrasings)]) == 2
+    assert "needs a 'phrasings' object" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nowhere"), "--phrasings", str(phrasings)]) == 2
+    assert "is not a model folder (no unet/config.json)" in capsys.readouterr().err
     tokens = tmp_path / "tokens"
     shutil.copytree(folder, tokens)
     EditorConfig.load(folder).model_copy(update={"prompt_encoder": "minilm", "max_prompt_tokens": 16}).save(tokens)

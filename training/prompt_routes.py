@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engines.config import POOLED_ENCODER, ROUTES_FILE, EditorConfig, PromptRouting
+from engines.model import load_base_prompt_encoder
 from engines.routing import RouteTable, edit_weights, sentence_embeddings
 from engines.text import PromptEncoder
 from training.edits import Edit, get_edits
@@ -29,7 +30,9 @@ ROUTING_PHRASINGS_FILE = Path(__file__).with_name("routing_phrasings.json")
 
 def load_routing_phrasings(path: Path = ROUTING_PHRASINGS_FILE) -> dict[str, tuple[str, ...]]:
     """Each edit's routing-only phrasings (lower case, distinct), checked against the edits' names."""
-    data = json.loads(path.read_text())["phrasings"]
+    data = json.loads(path.read_text()).get("phrasings")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} needs a 'phrasings' object: edit name -> list of phrasings")
     known = {e.name for e in get_edits()}
     unknown = set(data) - known
     if unknown:
@@ -60,7 +63,8 @@ def build_route_table(edits: tuple[Edit, ...], extra: dict[str, tuple[str, ...]]
     pairs = route_phrasings(edits, extra)
     contexts = encode_all(encoder, [p for p, _ in pairs])
     labels = torch.tensor([i for _, i in pairs])
-    trained = torch.tensor([p in set(edits[i].phrasings) for p, i in pairs])
+    own = [set(edit.phrasings) for edit in edits]
+    trained = torch.tensor([p in own[i] for p, i in pairs])
     edit_contexts = torch.stack([contexts[(labels == i) & trained].mean(0) for i in range(len(edits))])
     return RouteTable(sentence_embeddings(contexts), labels, tuple(e.name for e in edits), edit_contexts)
 
@@ -118,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=PromptRouting().temperature)
     parser.add_argument("--measure", action="store_true", help="print accuracies, write nothing")
     args = parser.parse_args(argv)
-    from engines.model import load_base_prompt_encoder
-
     try:
         routing = PromptRouting(top_k=args.top_k, temperature=args.temperature)
+        if not (args.model / "unet" / "config.json").is_file():
+            raise ValueError(f"{args.model} is not a model folder (no unet/config.json)")
         config = EditorConfig.load(args.model)
         extra = load_routing_phrasings(args.phrasings)
         require_sentence_contexts(config, args.model)
