@@ -135,11 +135,14 @@ def test_steps_default_to_one_for_a_student_and_20_for_cfg_and_are_bounded(tmp_p
     for bad in (0, 101):
         with pytest.raises(ValueError, match="steps"):
             EditorConfig(steps=bad)
-    # the shipped default's editor.json predates `steps`: it gets the default its kind implies, and keeps it
-    assert "steps" not in json.loads((DEFAULT_MODEL_DIR / "editor.json").read_text())
-    assert EditorConfig.load(DEFAULT_MODEL_DIR).steps == 1
-    EditorConfig.load(DEFAULT_MODEL_DIR).save(tmp_path)
+    # an editor.json from before `steps` (as v4's was) gets the default its kind implies, and keeps it when saved
+    older = json.loads((DEFAULT_MODEL_DIR / "editor.json").read_text())
+    older.pop("steps", None)
+    (tmp_path / "editor.json").write_text(json.dumps(older))
     assert EditorConfig.load(tmp_path).steps == 1
+    EditorConfig.load(tmp_path).save(tmp_path / "saved")
+    assert EditorConfig.load(tmp_path / "saved").steps == 1
+    assert EditorConfig.load(DEFAULT_MODEL_DIR).steps == 1
 
 
 def test_a_stock_folder_runs_20_steps_of_3_pass_cfg_with_its_own_scheduler(torch_editor: Editor) -> None:
