@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engines.config import EDITOR_CONFIG_NAME, ROUTES_FILE, EditorConfig
+from engines.config import ROUTES_FILE, EditorConfig
 from engines.routing import RouteTable
 from training.config import TrainConfig, load_raw_config
 from training.data import MEDIA_ATTRIBUTION, PHOTOS
@@ -15,7 +15,7 @@ from training.evaluate import GAIN_BAR_DB
 from training.funnel_decoder import FUNNEL_FOLDER, WIDE_FOLDER, FunnelDecoderConfig
 from training.guidance_distill import GuidanceDistillConfig
 from training.loop import read_loss_log
-from training.models import FINAL_FOLDER, ran_config
+from training.models import FINAL_FOLDER, model_folder, ran_config
 from training.prompts import PromptSpec
 from training.stage_configs import STAGE_CONFIG_FILES, stage_configs
 
@@ -104,9 +104,12 @@ def _decoder_row(folder: Path, decoder: FunnelDecoderConfig) -> str:
 
 
 def _prompts_line(student: Path) -> str:
-    folder = student if (student / EDITOR_CONFIG_NAME).is_file() else student / FINAL_FOLDER
-    routing = EditorConfig.load(folder).prompt_routing if (folder / EDITOR_CONFIG_NAME).is_file() else None
-    if routing is None:
+    try:
+        folder = model_folder(student)
+    except FileNotFoundError:  # not trained yet: the card still renders, without routing
+        folder = None
+    routing = None if folder is None else EditorConfig.load(folder).prompt_routing
+    if folder is None or routing is None:
         return (
             "- Prompts outside the lists below still produce an output (MiniLM places paraphrases near the "
             "trained phrasings); unrelated prompts give some blend of the trained edits."

@@ -23,6 +23,7 @@ from engines.model import load_base_prompt_encoder
 from engines.routing import RouteTable, edit_weights, sentence_embeddings
 from engines.text import PromptEncoder
 from training.edits import Edit, get_edits
+from training.prompts import encode_in_batches
 
 #: Phrasings only routing reads: written for it without sight of the evaluation's unseen phrasings.
 ROUTING_PHRASINGS_FILE = Path(__file__).with_name("routing_phrasings.json")
@@ -54,14 +55,10 @@ def route_phrasings(edits: tuple[Edit, ...], extra: dict[str, tuple[str, ...]]) 
     return list(seen.items())
 
 
-def encode_all(encoder: PromptEncoder, prompts: list[str], batch: int = 64) -> torch.Tensor:
-    return torch.cat([encoder.encode(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]).float()
-
-
 def build_route_table(edits: tuple[Edit, ...], extra: dict[str, tuple[str, ...]], encoder: PromptEncoder) -> RouteTable:
     """The table of `edits` (their training phrasings and `extra`'s), encoded by the model's own prompt encoder."""
     pairs = route_phrasings(edits, extra)
-    contexts = encode_all(encoder, [p for p, _ in pairs])
+    contexts = encode_in_batches(encoder, [p for p, _ in pairs])
     labels = torch.tensor([i for _, i in pairs])
     own = [set(edit.phrasings) for edit in edits]
     trained = torch.tensor([p in own[i] for p, i in pairs])
@@ -75,7 +72,7 @@ def routing_accuracy(
     """(right, total, misrouted lines) when each prompt is routed to its heaviest edit."""
     names = list(table.edit_names)
     flat = [(p, name) for name, ps in prompts.items() for p in ps]
-    weights = edit_weights(sentence_embeddings(encode_all(encoder, [p for p, _ in flat])), table, routing)
+    weights = edit_weights(sentence_embeddings(encode_in_batches(encoder, [p for p, _ in flat])), table, routing)
     wrong = []
     for (prompt, name), w in zip(flat, weights, strict=True):
         top = int(w.argmax())

@@ -118,6 +118,11 @@ class PromptTable:
         return torch.stack([self.contexts[p] if p in self.contexts else self.others(p) for p in prompts]).float()
 
 
+def encode_in_batches(encoder: PromptEncoder, prompts: list[str], batch: int = 64) -> torch.Tensor:
+    """float32 contexts of many prompts, `batch` prompts an encoder call."""
+    return torch.cat([encoder.encode(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]).float()
+
+
 def build_prompt_table(
     spec: PromptSpec, prompts: list[str], cache_path: Path | None, encoder: PromptEncoder | None = None
 ) -> PromptTable:
@@ -129,7 +134,7 @@ def build_prompt_table(
         if cached.get("key") == repr(key):
             return PromptTable(dict(zip(prompts, cached["contexts"], strict=True)))
     encoder = encoder or make_prompt_encoder(spec)
-    contexts = torch.cat([encoder.encode(prompts[i : i + 64]) for i in range(0, len(prompts), 64)]).float()
+    contexts = encode_in_batches(encoder, prompts)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel ranks write it side by side
