@@ -1,6 +1,7 @@
-"""Prompt routing (engines/routing.py, training/prompt_routes.py) on the real all-MiniLM-L6-v2 encoder: a prompt
-becomes a blend of the trained edits' contexts, the empty prompt stays 'no instruction', and a model folder that asks
-for routing loads its table or says what is wrong."""
+"""Prompt routing (engines/routing.py, training/prompt_routes.py, training/pixel_finetune.py) on the real
+all-MiniLM-L6-v2 encoder: a prompt becomes a blend of the trained edits' contexts, the empty prompt stays 'no
+instruction', a model folder that asks for routing loads its table or says what is wrong, and a routed student
+is fine-tuned in pixel space."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from engines.model import EditorModel, ModelFolderError
 from engines.routing import RoutedPromptEncoder, RouteTable, edit_weights, sentence_embeddings
 from engines.text import MiniLMPromptEncoder
 from tests.test_engine_loading import make_tiny_pix2pix_folder, mobile_pix2pix_config, tiny_sd15_unet_config
+from training.checkpoint import CHECKPOINT_DIR
 from training.edits import get_edits
+from training.loop import read_loss_log
+from training.pixel_finetune import PixelFinetuneConfig
+from training.pixel_finetune import train as train_pixel_finetune
 from training.prompt_routes import build_route_table, load_routing_phrasings, main, route_phrasings
 
 EDITS = ("black_and_white", "sepia", "pencil_sketch")
@@ -151,3 +156,66 @@ def test_the_shipped_default_routes_through_a_table_of_todays_phrasings(base: Mi
     assert torch.equal(shipped.edit_of_phrasing, rebuilt.edit_of_phrasing)
     torch.testing.assert_close(shipped.phrasings, rebuilt.phrasings, atol=2e-3, rtol=0)
     torch.testing.assert_close(shipped.edit_contexts, rebuilt.edit_contexts, atol=1e-4, rtol=1e-4)
+
+
+def test_the_pixel_finetune_tunes_the_contexts_and_unet_it_is_asked_to_and_resumes_exactly(tmp_path: Path) -> None:
+    """training.pixel_finetune moves the edits' contexts (and with train_unet the UNet) by gradient through the
+    frozen decoder; the phrasings and the autoencoder stay as they were, and a run resumed from a checkpoint ends
+    exactly where an unbroken one does."""
+    folder = _pooled_folder(tmp_path / "model")
+    with pytest.raises(ValueError, match="has no prompt_routes.safetensors: route it first"):
+        train_pixel_finetune(_finetune_run(tmp_path / "unrouted", folder))
+    phrasings = tmp_path / "routing.json"
+    phrasings.write_text(json.dumps({"phrasings": {"sepia": ["brownish antique tint"]}}))
+    assert main(["--model", str(folder), "--phrasings", str(phrasings)]) == 0
+    start = RouteTable.load(folder / ROUTES_FILE)
+
+    def same_files(final: Path, part: str) -> bool:
+        return all((final / part / f.name).read_bytes() == f.read_bytes() for f in (folder / part).iterdir())
+
+    contexts_only = train_pixel_finetune(_finetune_run(tmp_path / "contexts", folder))
+    tuned = RouteTable.load(contexts_only / ROUTES_FILE)
+    assert tuned.edit_names == start.edit_names and torch.equal(tuned.phrasings, start.phrasings)
+    assert torch.equal(tuned.edit_of_phrasing, start.edit_of_phrasing)
+    assert bool(((tuned.edit_contexts - start.edit_contexts).norm(dim=-1) > 0).any()), "no edit's context moved"
+    assert same_files(contexts_only, "unet") and same_files(contexts_only, "taesd")
+    rows = read_loss_log(tmp_path / "contexts")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["moved"] >= 0 for r in rows)
+    assert isinstance(EditorModel.from_pretrained(contexts_only).prompt_encoder, RoutedPromptEncoder)
+
+    config = _finetune_run(tmp_path / "unet", folder, train_unet=True, preserve_share=0.5, identity_share=0.25)
+    final = train_pixel_finetune(config)
+    assert not same_files(final, "unet") and same_files(final, "taesd")
+    unet = EditorModel.from_pretrained(final).unet.state_dict()
+    # Resume: from the step-2 checkpoint the run replays the same draws and ends with the same weights.
+    (tmp_path / "unet" / CHECKPOINT_DIR / "step-00000004.pt").unlink()
+    again = train_pixel_finetune(config)
+    assert all(torch.equal(v, unet[k]) for k, v in EditorModel.from_pretrained(again).unet.state_dict().items())
+    assert torch.equal(
+        RouteTable.load(again / ROUTES_FILE).edit_contexts, RouteTable.load(final / ROUTES_FILE).edit_contexts
+    )
+
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_pixel_finetune(_finetune_run(tmp_path / "nothing", folder, context_lr=0.0))
+
+
+def _finetune_run(output_dir: Path, student: Path, **fields: object) -> PixelFinetuneConfig:
+    return PixelFinetuneConfig.model_validate(
+        {
+            "output_dir": output_dir,
+            "student": student,
+            "prompts": {"encoder": "minilm-pooled", "tokens": 1},
+            "steps": 4,
+            "batch_size": 4,
+            "lr": 0.001,
+            "context_lr": 0.05,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "threads": 1,
+            "ema_decay": 0.0,
+            "save_dtype": "float32",
+            "data": {"photos": ["astronaut"], "clips": [], "val_photos": ["chelsea"], "val_clips": [], "crop_size": 32},
+            **fields,
+        }
+    )
