@@ -17,16 +17,20 @@ import torch
 from engines.config import PromptRouting
 from engines.text import PromptEncoder
 
+#: What a table's edit contexts are when nothing trained them: the mean of each edit's training phrasings' contexts.
+PHRASING_MEANS = "phrasing means"
+
 
 @dataclass(frozen=True)
 class RouteTable:
     """Known phrasings' unit sentence embeddings (N, D) and their edit (N,), each edit's name and the context it is
-    fed as (E, tokens, D)."""
+    fed as (E, tokens, D), with where those contexts come from."""
 
     phrasings: torch.Tensor
     edit_of_phrasing: torch.Tensor
     edit_names: tuple[str, ...]
     edit_contexts: torch.Tensor
+    contexts_source: str = PHRASING_MEANS
 
     def __post_init__(self) -> None:
         n, e = self.phrasings.shape[0], len(self.edit_names)
@@ -48,7 +52,8 @@ class RouteTable:
             "edit_of_phrasing": self.edit_of_phrasing.to(torch.int32).contiguous(),
             "edit_contexts": self.edit_contexts.float().contiguous(),
         }
-        save_file(tensors, str(path), metadata={"edit_names": "\n".join(self.edit_names)})
+        metadata = {"edit_names": "\n".join(self.edit_names), "contexts_source": self.contexts_source}
+        save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: Path) -> RouteTable:
@@ -56,7 +61,8 @@ class RouteTable:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                names = (f.metadata() or {}).get("edit_names", "")
+                metadata = f.metadata() or {}
+                names = metadata.get("edit_names", "")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a safetensors file: {exc}") from exc
@@ -68,6 +74,7 @@ class RouteTable:
             tensors["edit_of_phrasing"].long(),
             tuple(names.split("\n")),
             tensors["edit_contexts"].float(),
+            metadata.get("contexts_source", PHRASING_MEANS),
         )
 
 

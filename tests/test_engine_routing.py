@@ -14,7 +14,7 @@ import torch
 
 from engines.config import DEFAULT_MODEL_DIR, ROUTES_FILE, EditorConfig, PromptRouting
 from engines.model import EditorModel, ModelFolderError
-from engines.routing import RoutedPromptEncoder, RouteTable, edit_weights, sentence_embeddings
+from engines.routing import PHRASING_MEANS, RoutedPromptEncoder, RouteTable, edit_weights, sentence_embeddings
 from engines.text import MiniLMPromptEncoder
 from tests.test_engine_loading import make_tiny_pix2pix_folder, mobile_pix2pix_config, tiny_sd15_unet_config
 from training.checkpoint import CHECKPOINT_DIR
@@ -146,7 +146,8 @@ def test_the_builder_answers_bad_input_with_a_message(tmp_path: Path, capsys: py
 
 
 def test_the_shipped_default_routes_through_a_table_of_todays_phrasings(base: MiniLMPromptEncoder) -> None:
-    """One truth: the shipped table is what phrasings.json and routing_phrasings.json build now."""
+    """One truth: the shipped table's phrasings are what phrasings.json and routing_phrasings.json build now, and its
+    contexts their means unless the table says a run tuned them."""
     config = EditorConfig.load(DEFAULT_MODEL_DIR)
     if config.prompt_routing is None:
         pytest.skip("the shipped default does not route its prompts")
@@ -155,7 +156,10 @@ def test_the_shipped_default_routes_through_a_table_of_todays_phrasings(base: Mi
     assert shipped.edit_names == rebuilt.edit_names
     assert torch.equal(shipped.edit_of_phrasing, rebuilt.edit_of_phrasing)
     torch.testing.assert_close(shipped.phrasings, rebuilt.phrasings, atol=2e-3, rtol=0)
-    torch.testing.assert_close(shipped.edit_contexts, rebuilt.edit_contexts, atol=1e-4, rtol=1e-4)
+    if shipped.contexts_source == PHRASING_MEANS:
+        torch.testing.assert_close(shipped.edit_contexts, rebuilt.edit_contexts, atol=1e-4, rtol=1e-4)
+    else:  # trained weights, like the UNet's: the table says which run made them (the model card has its config)
+        assert shipped.contexts_source.startswith("tuned in pixel space by training.pixel_finetune")
 
 
 def test_the_pixel_finetune_tunes_the_contexts_and_unet_it_is_asked_to_and_resumes_exactly(tmp_path: Path) -> None:
@@ -182,6 +186,15 @@ def test_the_pixel_finetune_tunes_the_contexts_and_unet_it_is_asked_to_and_resum
     rows = read_loss_log(tmp_path / "contexts")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["moved"] >= 0 for r in rows)
     assert isinstance(EditorModel.from_pretrained(contexts_only).prompt_encoder, RoutedPromptEncoder)
+    assert tuned.contexts_source.startswith("tuned in pixel space by training.pixel_finetune (4 steps")
+    # Rebuilding the phrasings keeps tuned contexts; --reset-contexts goes back to the phrasing means.
+    assert main(["--model", str(contexts_only), "--phrasings", str(phrasings)]) == 0
+    kept = RouteTable.load(contexts_only / ROUTES_FILE)
+    assert torch.equal(kept.edit_contexts, tuned.edit_contexts) and kept.contexts_source == tuned.contexts_source
+    assert main(["--model", str(contexts_only), "--phrasings", str(phrasings), "--reset-contexts"]) == 0
+    reset = RouteTable.load(contexts_only / ROUTES_FILE)
+    assert reset.contexts_source == PHRASING_MEANS
+    torch.testing.assert_close(reset.edit_contexts, start.edit_contexts)
 
     config = _finetune_run(tmp_path / "unet", folder, train_unet=True, preserve_share=0.5, identity_share=0.25)
     final = train_pixel_finetune(config)

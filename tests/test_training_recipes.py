@@ -35,7 +35,7 @@ from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_pen
 from training.draws import row_weighted_mse, row_weights, sample_timesteps
 from training.edits import EDITS as ALL_EDITS
 from training.edits import get_edits
-from training.evaluate import EvaluateConfig, evaluate, psnr, ssim
+from training.evaluate import EvaluateConfig, evaluate, psnr, ssim, trained_unseen_clips
 from training.guidance_distill import GuidanceDistillConfig
 from training.guidance_distill import train as train_guidance
 from training.loop import read_loss_log, unet_train_state
@@ -429,6 +429,25 @@ def test_psnr_and_ssim_score_identity_best() -> None:
     assert ssim(image, 255 - image) < ssim(image, noisy) < 1.0
 
 
+def test_a_models_unseen_clips_include_those_its_starting_models_read(tmp_path: Path) -> None:
+    """A stage that held a clip out still started from a model that read it: the report must not call it unseen."""
+
+    def stage(name: str, clips: list[str], val_clips: list[str], **starts: Path) -> Path:
+        (tmp_path / name / "final" / "unet").mkdir(parents=True)
+        (tmp_path / name / "final" / "unet" / "config.json").write_text("{}")
+        ran = {"data": {"clips": clips, "val_clips": val_clips}, **{k: str(v) for k, v in starts.items()}}
+        (tmp_path / name / "config.json").write_text(json.dumps(ran))
+        return tmp_path / name
+
+    both = ["asl_eat.mkv", "asl_bird.mkv"]
+    first = stage("first", both, ["asl_bird.mkv"])
+    later = stage("later", both, both, student=first)
+    clean = stage("clean", both, both, student_init=tmp_path / "nowhere")
+    config = EvaluateConfig(output_dir=tmp_path, student=later, unseen_clips=["asl_eat.mkv", "asl_bird.mkv"])
+    found = trained_unseen_clips({"later": later, "clean": clean, "untrained": None}, config)
+    assert found == {"later": ["asl_eat.mkv"], "clean": []}
+
+
 def test_evaluation_report_covers_every_edit_and_stage(stages: dict[str, Path], tmp_path: Path) -> None:
     config = EvaluateConfig.model_validate(
         {
@@ -529,6 +548,18 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     )
     committed_card = model_card(["--config", str(evaluate_config)]).read_text()
     assert "| autoencoder | training/configs/default_autoencoder.yaml | scratch | 7 × 3 | earlier run" in committed_card
+    assert "pixel_finetune" not in committed_card
+    # A pixel-space fine-tune beside the stages gets its own row and a line under Architecture.
+    pixel = tmp_path / "run" / "pixel_finetune"
+    pixel.mkdir()
+    ran = {"output_dir": str(pixel), "student": "artifacts/v5/student", "steps": 9, "batch_size": 4, "train_unet": True}
+    (pixel / "config.json").write_text(json.dumps(ran))
+    pixel_card = model_card(["--config", str(evaluate_config)]).read_text()
+    pixel_row = (
+        "| pixel_finetune (UNet and edit contexts) | training/configs/v6_pixel_finetune.yaml | artifacts/v5/student |"
+    )
+    assert f"{pixel_row} 9 × 4 |" in pixel_card and "fine-tuned in pixel space through its frozen decoder" in pixel_card
+    shutil.rmtree(pixel)
     assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
     assert "Not evaluated yet" in card and "gain less than" not in card
     # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.

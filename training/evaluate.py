@@ -133,6 +133,10 @@ def autoencoder_round_trip(codec: Codec, frames: list[np.ndarray]) -> list[np.nd
     return tensor_to_frames(codec.decode(codec.encode(frames_to_tensor(frames))))
 
 
+#: The config keys that name the model a stage started from.
+STARTS_FROM_KEYS = ("student", "student_init")
+
+
 def split_of(name: str, config: EvaluateConfig) -> str:
     """'unseen' for frames of the unseen clips and the held-out photos, else 'seen' (a seen clip's tail)."""
     unseen = name.split("#")[0] in config.unseen_clips or name in config.data.val_photos
@@ -140,15 +144,24 @@ def split_of(name: str, config: EvaluateConfig) -> str:
 
 
 def trained_unseen_clips(models: dict[str, Path | None], config: EvaluateConfig) -> dict[str, list[str]]:
-    """Per compared model whose stage config is known: the unseen split's clips its training still read."""
+    """Per compared model whose stage config is known: the unseen split's clips its training read, or the training
+    of the models it started from (each config's `student` or `student_init`, as far as their configs are known)."""
     found: dict[str, list[str]] = {}
     for name, path in models.items():
-        ran = ran_config(model_folder(path)) if path is not None else None
-        if ran is None or "data" not in ran:
-            continue
-        data = ran["data"]
-        trained = [c for c in data.get("clips", []) if c not in data.get("val_clips", [])]
-        found[name] = [c for c in config.unseen_clips if c in trained]
+        read: list[str] | None = None
+        for _ in range(16):  # a chain of stages; the bound guards against configs that name each other
+            try:
+                ran = ran_config(model_folder(path)) if path is not None else None
+            except FileNotFoundError:
+                ran = None
+            if ran is None or "data" not in ran:
+                break
+            data = ran["data"]
+            trained = [c for c in data.get("clips", []) if c not in data.get("val_clips", [])]
+            read = [c for c in config.unseen_clips if c in trained or c in (read or [])]
+            path = next((Path(ran[k]) for k in STARTS_FROM_KEYS if ran.get(k)), None)
+        if read is not None:
+            found[name] = read
     return found
 
 

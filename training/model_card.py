@@ -16,6 +16,7 @@ from training.funnel_decoder import FUNNEL_FOLDER, WIDE_FOLDER, FunnelDecoderCon
 from training.guidance_distill import GuidanceDistillConfig
 from training.loop import read_loss_log
 from training.models import FINAL_FOLDER, model_folder, ran_config
+from training.pixel_finetune import PixelFinetuneConfig
 from training.prompts import PromptSpec
 from training.stage_configs import STAGE_CONFIG_FILES, stage_configs
 
@@ -78,6 +79,25 @@ DECODER_STAGE = "funnel_decoder"
 DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
 
 
+#: The pixel-space fine-tune's folder beside the other stages, and the config that made the shipped one.
+PIXEL_STAGE = "pixel_finetune"
+PIXEL_CONFIG_FILE = "v6_pixel_finetune.yaml"
+
+
+def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
+    """What a pixel-space fine-tune ran (its saved config), when the model has one."""
+    raw = ran_config(folder / FINAL_FOLDER)
+    return None if raw is None else PixelFinetuneConfig.model_validate(raw)
+
+
+def _pixel_row(folder: Path, stage: PixelFinetuneConfig) -> str:
+    parts = "UNet and edit contexts" if stage.train_unet else "edit contexts"
+    return (
+        f"| pixel_finetune ({parts}) | training/configs/{PIXEL_CONFIG_FILE} | {stage.student} | "
+        f"{stage.steps} × {stage.batch_size} | {training_hours(folder):.2f} |"
+    )
+
+
 def decoder_stage(folder: Path) -> FunnelDecoderConfig | None:
     """What a funnelled-decoder stage ran (its funnel phase's saved config), when the model has one."""
     raw = ran_config(folder / FUNNEL_FOLDER / FINAL_FOLDER)
@@ -134,6 +154,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     # What each stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
     stages = stage_configs(stage_dirs, config_dir)
     decoder = decoder_stage(root / DECODER_STAGE)
+    pixel = pixel_stage(root / PIXEL_STAGE)
     data = stages.teacher.data
     edits = get_edits(stages.teacher.edits)
     lines = [
@@ -173,6 +194,16 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"{stages.guidance_distill.guidance_embedding_dim} each.",
         f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages.autoencoder.taesd.width} "
         "channels wide, 4 latent channels, trained here." + _decoder_note(decoder),
+        *(
+            []
+            if pixel is None
+            else [
+                "- Last, the one-step student was fine-tuned in pixel space through its frozen decoder towards the "
+                "exact edits (training/pixel_finetune.py: "
+                + ("its UNet and " if pixel.train_unet else "")
+                + "the routed contexts of its edits), keeping its own output at other guidance scales."
+            ]
+        ),
         f"- Prompt encoder: {_encoder_line(stages.adversarial_distill.prompts)}",
         "",
         "## Training (reproduce from the repository root)",
@@ -195,6 +226,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         )
     if decoder is not None:
         lines.append(_decoder_row(root / DECODER_STAGE, decoder))
+    if pixel is not None:
+        lines.append(_pixel_row(root / PIXEL_STAGE, pixel))
     lines += [
         "",
         "Paths under training/weights/ name the stage weights committed when the stage ran (training/README.md "

@@ -32,7 +32,7 @@ from training.data import CropSampler, DataConfig, load_split
 from training.distributed import require_one_process, train_device
 from training.edits import get_edits
 from training.loop import EMA, clip_and_step, run_training
-from training.models import FINAL_FOLDER, load_editor_model, model_folder
+from training.models import COMMITTED_STAGE_CONFIG, FINAL_FOLDER, load_editor_model, model_folder
 from training.prompts import PromptSpec
 
 
@@ -156,9 +156,13 @@ def _save_final(config: PixelFinetuneConfig, folder: Path, table: RouteTable, tu
     final = Path(config.output_dir) / FINAL_FOLDER
     tmp = final.with_name(FINAL_FOLDER + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("int8"))  # int8 graphs are rebuilt by quantize
+    # int8 graphs are rebuilt by training.quantize; a stage config inside names the stage that made the student.
+    shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("int8", COMMITTED_STAGE_CONFIG))
     contexts = tuned.contexts.detach().cpu()
-    RouteTable(table.phrasings, table.edit_of_phrasing, table.edit_names, contexts).save(tmp / ROUTES_FILE)
+    source = table.contexts_source
+    if config.context_lr > 0:
+        source = f"tuned in pixel space by training.pixel_finetune ({config.steps} steps from {source})"
+    RouteTable(table.phrasings, table.edit_of_phrasing, table.edit_names, contexts, source).save(tmp / ROUTES_FILE)
     if config.train_unet:
         dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
         shutil.rmtree(tmp / UNET_FOLDER)

@@ -7,6 +7,9 @@ phrasings' contexts, a blend the distilled students were trained on (context mix
 
     python -m training.prompt_routes --model engines/default_model           # write the table, route the model
     python -m training.prompt_routes --model engines/default_model --measure # accuracy only, nothing written
+
+A folder whose table holds tuned contexts (training.pixel_finetune) keeps them when its phrasings are rebuilt,
+unless --reset-contexts.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from engines.config import POOLED_ENCODER, ROUTES_FILE, EditorConfig, PromptRouting
 from engines.model import load_base_prompt_encoder
-from engines.routing import RouteTable, edit_weights, sentence_embeddings
+from engines.routing import PHRASING_MEANS, RouteTable, edit_weights, sentence_embeddings
 from engines.text import PromptEncoder
 from training.edits import Edit, get_edits
 from training.prompts import encode_in_batches
@@ -103,6 +107,24 @@ def require_sentence_contexts(config: EditorConfig, folder: Path) -> None:
         raise ValueError(f"{folder} reads '{config.prompt_encoder}' contexts; routing needs '{POOLED_ENCODER}'")
 
 
+def keep_tuned_contexts(folder: Path, table: RouteTable, reset: bool) -> RouteTable:
+    """`table` with the contexts of the folder's current table where those were tuned (training.pixel_finetune),
+    unless `reset`: new phrasings must not silently undo a training run."""
+    path = folder / ROUTES_FILE
+    if reset or not path.is_file():
+        return table
+    current = RouteTable.load(path)
+    if current.contexts_source == PHRASING_MEANS:
+        return table
+    if current.edit_names != table.edit_names:
+        raise ValueError(
+            f"{path}'s contexts were {current.contexts_source}, for other edits than today's: "
+            "pass --reset-contexts to replace them with phrasing means"
+        )
+    print(f"kept the table's contexts ({current.contexts_source}); --reset-contexts rebuilds them")
+    return replace(table, edit_contexts=current.edit_contexts, contexts_source=current.contexts_source)
+
+
 def route_model(folder: Path, table: RouteTable, routing: PromptRouting) -> None:
     """Write `table` into the model folder and turn routing on in its editor.json."""
     config = EditorConfig.load(folder)
@@ -118,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=PromptRouting().top_k)
     parser.add_argument("--temperature", type=float, default=PromptRouting().temperature)
     parser.add_argument("--measure", action="store_true", help="print accuracies, write nothing")
+    parser.add_argument(
+        "--reset-contexts",
+        action="store_true",
+        help="write the edits' contexts as phrasing means even where the folder's table holds tuned ones",
+    )
     args = parser.parse_args(argv)
     try:
         routing = PromptRouting(top_k=args.top_k, temperature=args.temperature)
@@ -140,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     loo_right, loo_total = leave_one_out_accuracy(table, edits, extra, routing)
     print(f"routing-only phrasings, each left out of the table: {loo_right}/{loo_total}")
     if not args.measure:
+        try:
+            table = keep_tuned_contexts(args.model, table, args.reset_contexts)
+        except ValueError as exc:
+            print(f"prompt_routes: {exc}", file=sys.stderr)
+            return 2
         try:
             route_model(args.model, table, routing)
         except OSError as exc:
