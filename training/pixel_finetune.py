@@ -30,6 +30,7 @@ from training.checkpoint import TrainState
 from training.config import TrainConfig, recipe_main
 from training.data import CropSampler, DataConfig, load_split
 from training.distributed import require_one_process, train_device
+from training.draws import sample_scales
 from training.edits import get_edits
 from training.loop import EMA, clip_and_step, run_training
 from training.models import COMMITTED_STAGE_CONFIG, FINAL_FOLDER, load_editor_model, model_folder
@@ -85,7 +86,10 @@ class PixelStep:
         self.codec = model.codec.requires_grad_(False).eval().to(self.device)
         self.edits = get_edits(list(table.edit_names))
         self.start_contexts = table.edit_contexts.clone().to(self.device)
-        self.start_unet = copy.deepcopy(model.unet).requires_grad_(False).eval().to(self.device)
+        # The starting UNet answers the preserved rows; without them no copy is kept.
+        self.start_unet: GuidedUNet | None = None
+        if config.preserve_share > 0:
+            self.start_unet = copy.deepcopy(model.unet).requires_grad_(False).eval().to(self.device)
         unet = model.unet.requires_grad_(config.train_unet).eval().to(self.device)
         self.parts = TunedParts(table.edit_contexts, unet).to(self.device)
         self.parts.contexts.requires_grad_(config.context_lr > 0)
@@ -97,9 +101,8 @@ class PixelStep:
         ranges on preserved rows."""
         scales = torch.ones(b, 2)
         scales[identity, 0] = 0.0
-        for k, (lo, hi) in enumerate((self.editor.trained_text_guidance, self.editor.trained_image_guidance)):
-            drawn = torch.from_numpy(self.rng.uniform(lo, hi, size=b)).float()
-            scales[preserve, k] = drawn[preserve]
+        drawn = sample_scales(self.rng, b, self.editor.trained_text_guidance, self.editor.trained_image_guidance)
+        scales[preserve] = drawn[preserve]
         return scales
 
     def _decoded(
@@ -128,7 +131,7 @@ class PixelStep:
             z_image = self.codec.encode(x) * self.editor.image_latent_scale
             x_t = student_start(self.schedule, torch.randn(z_image.shape), self.editor.student_timestep, None)
             x_t = x_t.to(self.device)
-            if preserve.any():
+            if self.start_unet is not None and preserve.any():
                 kept = self._decoded(
                     self.start_unet,
                     x_t[preserve],
