@@ -89,7 +89,8 @@ def frame_flops(backend: Backend, model: EditorModel, resolution: int) -> int:
     def frame() -> None:
         image_latent = backend.encode(images)
         backend.decode(
-            backend.denoise(torch.cat([noise.to(image_latent.dtype), image_latent], 1), timestep, context, guidance)
+            backend.denoise(torch.cat([noise.to(image_latent.dtype), image_latent], 1), timestep, context, guidance),
+            images,
         )
 
     return count_flops(frame)

@@ -103,7 +103,8 @@ class Editor:
                     f"frames must be uint8 ({size}, {size}, 3), got {request.frame.dtype} {request.frame.shape}"
                 )
         device, dtype = self.backend.device, self.backend.dtype
-        latents = self.backend.encode(frames_to_tensor([r.frame for r in requests]).to(device, dtype))
+        images = frames_to_tensor([r.frame for r in requests]).to(device, dtype)
+        latents = self.backend.encode(images)
         results: list[EditResult | None] = [None] * len(requests)
         active: list[int] = []
         for i, request in enumerate(requests):
@@ -117,7 +118,7 @@ class Editor:
             image_latents = latents[active]
             chosen = [requests[i] for i in active]
             x0 = self._student(image_latents, chosen) if self.one_step else self._sample(image_latents, chosen)
-            frames = tensor_to_frames(self.backend.decode(x0))
+            frames = tensor_to_frames(self.backend.decode(x0, images[active]))
             for j, i in enumerate(active):
                 requests[i].state.record_edit(image_latents[j], x0[j], frames[j], requests[i].params)
                 results[i] = EditResult(frames[j], skipped=False)

@@ -55,7 +55,8 @@ def example_inputs(model: EditorModel, resolution: int, batch: int = 1) -> dict[
             torch.randn(batch, tokens, dim),
             torch.tensor([[7.5, 1.5]] * batch),
         ),
-        "decoder": (torch.randn(batch, 4, latent, latent),),
+        "decoder": (torch.randn(batch, 4, latent, latent),)
+        + ((torch.rand(batch, 3, resolution, resolution) * 2 - 1,) if model.codec.reads_frames else ()),
     }
 
 
@@ -64,15 +65,21 @@ INPUT_NAMES = {
     "unet": ["sample", "timestep", "encoder_hidden_states", "guidance"],
     "decoder": ["latents"],
 }
+#: The decoder's second input when it has a frame skip: the encoded images, (B, 3, H, W) in [-1, 1].
+FRAMES_INPUT = "frames"
 OUTPUT_NAMES = {"encoder": ["latents"], "unet": ["prediction"], "decoder": ["images"]}
 
 
 def input_names(model: EditorModel) -> dict[str, list[str]]:
     """The inputs each of this model's graphs takes: a UNet without guidance embeddings never reads `guidance`,
-    so its graph has no such input (the exporter drops an unused one), and nothing may feed it one."""
-    if model.config.distilled:
-        return INPUT_NAMES
-    return {**INPUT_NAMES, "unet": [n for n in INPUT_NAMES["unet"] if n != "guidance"]}
+    so its graph has no such input (the exporter drops an unused one), and nothing may feed it one. A decoder with
+    a frame skip also takes the frames."""
+    names = dict(INPUT_NAMES)
+    if not model.config.distilled:
+        names["unet"] = [n for n in INPUT_NAMES["unet"] if n != "guidance"]
+    if model.codec.reads_frames:
+        names["decoder"] = [*INPUT_NAMES["decoder"], FRAMES_INPUT]
+    return names
 
 
 def export_onnx(model: EditorModel, resolution: int, cache_dir: Path | None = None) -> ExportedGraphs:

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
 from engines.attention import use_one_token_cross_attention
-from engines.autoencoder import Codec, KLCodec, TinyCodec
+from engines.autoencoder import Codec, FrameSkip, KLCodec, TinyCodec
 from engines.config import DEFAULT_MODEL_DIR, ROUTES_FILE, EditorConfig, PromptRouting
 from engines.routing import RoutedPromptEncoder, RouteTable
 from engines.sampling import NoiseSchedule
@@ -20,6 +20,8 @@ from engines.unet import GuidedUNet
 
 UNET_FOLDER = "unet"
 TAESD_FOLDER = "taesd"
+#: An optional part beside taesd/: the decoder's view of the input frame (engines.autoencoder.FrameSkip).
+FRAME_SKIP_FOLDER = "frame_skip"
 VAE_FOLDER = "vae"
 SCHEDULER_FOLDER = "scheduler"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -109,19 +111,29 @@ def codec_folder(folder: Path, taesd: str | Path | None) -> Path:
 
 
 def load_codec(folder: Path, taesd: str | Path | None, dtype: torch.dtype) -> Codec:
-    """TAESD from `taesd`, else folder/taesd/, else folder/vae/ (a TAESD or a full AutoencoderKL)."""
+    """TAESD from `taesd`, else folder/taesd/ (with folder/frame_skip/ when there is one), else folder/vae/ (a TAESD
+    or a full AutoencoderKL)."""
     path = codec_folder(folder, taesd)
     class_name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderTiny")
     try:
         if class_name == "AutoencoderKL":
             return KLCodec(AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval())
         if class_name == "AutoencoderTiny":
-            return TinyCodec(
-                AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
-            )
+            tiny = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
+            # A frame skip was trained with the folder's own decoder: another TAESD (`taesd`) runs without it.
+            return TinyCodec(tiny, load_frame_skip(folder, dtype) if taesd is None else None)
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"could not load the autoencoder from {path}: {exc}") from exc
     raise ModelFolderError(f"{path} holds a {class_name}; expected AutoencoderTiny or AutoencoderKL")
+
+
+def load_frame_skip(folder: Path, dtype: torch.dtype) -> FrameSkip | None:
+    """folder/frame_skip/ when the model has one (its TAESD decoder then reads the input frame), else None."""
+    path = folder / FRAME_SKIP_FOLDER
+    if not path.is_dir():
+        return None
+    require_part(path, "frame skip", DIFFUSERS_WEIGHT_NAMES)
+    return FrameSkip.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
 
 
 @dataclass
@@ -194,6 +206,8 @@ class EditorModel:
         self.unet.unet.save_pretrained(str(folder / UNET_FOLDER))
         if isinstance(self.codec, TinyCodec):
             self.codec.taesd.save_pretrained(str(folder / TAESD_FOLDER))
+            if self.codec.frame_skip is not None:
+                self.codec.frame_skip.save_pretrained(str(folder / FRAME_SKIP_FOLDER))
         else:
             self.codec.vae.save_pretrained(str(folder / VAE_FOLDER))
         (folder / SCHEDULER_FOLDER).mkdir(parents=True, exist_ok=True)

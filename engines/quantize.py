@@ -32,7 +32,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.base import Backend
-from engines.export import GRAPH_NAMES, INPUT_NAMES, ExportedGraphs, export_onnx, input_names, onnx_folder
+from engines.export import FRAMES_INPUT, GRAPH_NAMES, INPUT_NAMES, ExportedGraphs, export_onnx, input_names, onnx_folder
 from engines.model import INT8_FOLDER, EditorModel
 from engines.params import EditParams
 
@@ -169,7 +169,8 @@ class RecordingBackend(Backend):
         self.feeds: dict[str, list[dict[str, np.ndarray]]] = {graph: [] for graph in GRAPH_NAMES}
 
     def _keep(self, graph: str, *inputs: torch.Tensor) -> None:
-        arrays = dict(zip(INPUT_NAMES[graph], inputs, strict=True))
+        every = [*INPUT_NAMES[graph], *([FRAMES_INPUT] if graph == "decoder" else [])]
+        arrays = dict(zip(every[: len(inputs)], inputs, strict=True))
         kept = {k: arrays[k].detach().to("cpu", torch.float32).numpy().copy() for k in self.names[graph]}
         self.feeds[graph].append(kept)
 
@@ -183,9 +184,10 @@ class RecordingBackend(Backend):
         self._keep("unet", sample, timestep, context, guidance)
         return self.inner.denoise(sample, timestep, context, guidance)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        self._keep("decoder", latents)
-        return self.inner.decode(latents)
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        result = self.inner.decode(latents, frames)  # first: it refuses a missing frame where one is read
+        self._keep("decoder", latents, *(() if frames is None else (frames,)))
+        return result
 
 
 def calibrate(

@@ -33,5 +33,6 @@ class Backend(abc.ABC):
         """One UNet pass: sample (B,8,h,w), timestep (B,), context (B,L,D), guidance (B,2) = (s_T, s_I)."""
 
     @abc.abstractmethod
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latent → image (TAESD decoder)."""
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent → image (TAESD decoder). `frames`: the images that were encoded, which a decoder with a frame
+        skip reads (engines.autoencoder.FrameSkip) and any other ignores."""

@@ -74,5 +74,9 @@ class OnnxRuntimeBackend(Backend):
             "unet", sample=sample, timestep=timestep.float(), encoder_hidden_states=context, guidance=guidance
         )
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._run("decoder", latents=latents)
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        if frames is None:
+            if "frames" in self._inputs["decoder"]:
+                raise ValueError("this model's decoder reads the input frame (it has a frame skip): pass the frames")
+            return self._run("decoder", latents=latents)
+        return self._run("decoder", latents=latents, frames=frames)

@@ -274,5 +274,10 @@ class TensorRTBackend(Backend):
             sample=sample, timestep=timestep.float(), encoder_hidden_states=context, guidance=guidance.float()
         )
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._engines["decoder"](latents=latents)
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        engine = self._engines["decoder"]
+        if "frames" not in engine.inputs:
+            return engine(latents=latents)
+        if frames is None:
+            raise ValueError("this model's decoder reads the input frame (it has a frame skip): pass the frames")
+        return engine(latents=latents, frames=frames)

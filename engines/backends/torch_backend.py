@@ -134,5 +134,7 @@ class TorchBackend(Backend):
         )
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents.to(self.device, self.dtype))
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        if frames is None or not self.model.codec.reads_frames:
+            return self._decode(latents.to(self.device, self.dtype))
+        return self._decode(latents.to(self.device, self.dtype), frames.to(self.device, self.dtype))
