@@ -212,6 +212,55 @@ def test_the_pixel_finetune_tunes_the_contexts_and_unet_it_is_asked_to_and_resum
         train_pixel_finetune(_finetune_run(tmp_path / "nothing", folder, context_lr=0.0))
 
 
+def test_the_pixel_finetune_gives_the_decoder_a_frame_skip_and_trains_only_what_it_is_asked_to(tmp_path: Path) -> None:
+    """With frame_skip and decoder_lr alone, the decoder and its new frame skip move (by the pixel and SSIM losses);
+    the encoder, UNet and contexts stay as they were; the final folder's decoder reads the frame; resume is exact."""
+    folder = _pooled_folder(tmp_path / "model")
+    phrasings = tmp_path / "routing.json"
+    phrasings.write_text(json.dumps({"phrasings": {"sepia": ["brownish antique tint"]}}))
+    assert main(["--model", str(folder), "--phrasings", str(phrasings)]) == 0
+    start = EditorModel.from_pretrained(folder)
+    assert not start.codec.reads_frames
+    config = _finetune_run(
+        tmp_path / "skip",
+        folder,
+        context_lr=0.0,
+        decoder_lr=0.01,
+        frame_skip=True,
+        frame_skip_kernel=3,
+        ssim_weight=1,
+        preserve_share=0.5,
+        preserve_lowpass_sigma=1.0,
+        order_rows=2,
+    )
+    final = train_pixel_finetune(config)
+    rows = read_loss_log(tmp_path / "skip")
+    assert len(rows) == 4 and all(r["order"] >= 0 for r in rows)  # the ordered pairs' hinge ran every step
+    tuned = EditorModel.from_pretrained(final)
+    assert tuned.codec.reads_frames and tuned.codec.frame_skip is not None
+    assert tuned.codec.frame_skip.proj.kernel_size == (3, 3)
+    assert float(tuned.codec.frame_skip.proj.weight.abs().max()) > 0, "the zero-initialised skip never moved"
+    encoder, decoder = start.codec.taesd.encoder.state_dict(), start.codec.taesd.decoder.state_dict()
+    assert all(torch.equal(v, encoder[k]) for k, v in tuned.codec.taesd.encoder.state_dict().items())
+    assert not all(torch.equal(v, decoder[k]) for k, v in tuned.codec.taesd.decoder.state_dict().items())
+    unet = start.unet.state_dict()
+    assert all(torch.equal(v, unet[k]) for k, v in tuned.unet.state_dict().items())
+    assert torch.equal(
+        RouteTable.load(final / ROUTES_FILE).edit_contexts, RouteTable.load(folder / ROUTES_FILE).edit_contexts
+    )
+    skip = tuned.codec.frame_skip.state_dict()
+    (tmp_path / "skip" / CHECKPOINT_DIR / "step-00000004.pt").unlink()
+    again = EditorModel.from_pretrained(train_pixel_finetune(config)).codec
+    assert again.frame_skip is not None and all(
+        torch.equal(v, skip[k]) for k, v in again.frame_skip.state_dict().items()
+    )
+    # A second run on the skipped student keeps its skip and trains it further.
+    further = EditorModel.from_pretrained(
+        train_pixel_finetune(_finetune_run(tmp_path / "further", final, context_lr=0.0, decoder_lr=0.01))
+    ).codec
+    assert further.frame_skip is not None and not torch.equal(further.frame_skip.proj.weight, skip["proj.weight"])
+
+
 def _finetune_run(output_dir: Path, student: Path, **fields: object) -> PixelFinetuneConfig:
     return PixelFinetuneConfig.model_validate(
         {

@@ -556,10 +556,26 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     (pixel / "config.json").write_text(json.dumps(ran))
     pixel_card = model_card(["--config", str(evaluate_config)]).read_text()
     pixel_row = (
-        "| pixel_finetune (UNet and edit contexts) | training/configs/v6_pixel_finetune.yaml | artifacts/v5/student |"
+        "| pixel_finetune (UNet, edit contexts) | training/configs/v6_pixel_finetune.yaml | artifacts/v5/student |"
     )
-    assert f"{pixel_row} 9 × 4 |" in pixel_card and "fine-tuned in pixel space through its frozen decoder" in pixel_card
+    assert f"{pixel_row} 9 × 4 |" in pixel_card
+    assert (
+        "fine-tuned in pixel space towards the exact edits (training/pixel_finetune.py: its UNet and edit" in pixel_card
+    )
+    assert "frame skip" not in pixel_card
+    # A second one, that gave the decoder a frame skip, follows it with its own row and line.
+    decoder = tmp_path / "run" / "pixel_decoder"
+    decoder.mkdir()
+    ran = {"output_dir": str(decoder), "student": "artifacts/v6/pixel_finetune/final", "steps": 5, "batch_size": 2}
+    ran |= {"context_lr": 0.0, "decoder_lr": 1e-3, "frame_skip": True}
+    (decoder / "config.json").write_text(json.dumps(ran))
+    skip_card = model_card(["--config", str(evaluate_config)]).read_text()
+    skip_row = "| pixel_decoder (decoder with a frame skip) | training/configs/v7_pixel_decoder.yaml | artifacts/v6/"
+    assert f"{pixel_row} 9 × 4 |" in skip_card and skip_row in skip_card
+    assert skip_card.index(pixel_row) < skip_card.index(skip_row)
+    assert "its decoder with a frame skip)" in skip_card and "reads the camera frame" in skip_card
     shutil.rmtree(pixel)
+    shutil.rmtree(decoder)
     assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
     assert "Not evaluated yet" in card and "gain less than" not in card
     # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.

@@ -79,9 +79,9 @@ DECODER_STAGE = "funnel_decoder"
 DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
 
 
-#: The pixel-space fine-tune's folder beside the other stages, and the config that made the shipped one.
-PIXEL_STAGE = "pixel_finetune"
-PIXEL_CONFIG_FILE = "v6_pixel_finetune.yaml"
+#: The pixel-space fine-tunes' folders beside the other stages, in the order they ran, and the configs that made the
+#: shipped ones: v6 tuned the UNet and contexts, v7 then gave the decoder its frame skip.
+PIXEL_STAGES = (("pixel_finetune", "v6_pixel_finetune.yaml"), ("pixel_decoder", "v7_pixel_decoder.yaml"))
 
 
 def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
@@ -90,11 +90,35 @@ def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
     return None if raw is None else PixelFinetuneConfig.model_validate(raw)
 
 
-def _pixel_row(folder: Path, stage: PixelFinetuneConfig) -> str:
-    parts = "UNet and edit contexts" if stage.train_unet else "edit contexts"
+def tuned_parts(stage: PixelFinetuneConfig) -> list[str]:
+    """What a pixel-space fine-tune trained, in words."""
+    parts = ["UNet"] if stage.train_unet else []
+    if stage.context_lr > 0:
+        parts.append("edit contexts")
+    if stage.decoder_lr > 0:
+        parts.append("decoder with a frame skip" if stage.frame_skip else "decoder")
+    return parts
+
+
+def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig) -> str:
     return (
-        f"| pixel_finetune ({parts}) | training/configs/{PIXEL_CONFIG_FILE} | {stage.student} | "
+        f"| {name} ({', '.join(tuned_parts(stage))}) | training/configs/{file} | {stage.student} | "
         f"{stage.steps} × {stage.batch_size} | {training_hours(folder):.2f} |"
+    )
+
+
+def _pixel_line(stage: PixelFinetuneConfig) -> str:
+    parts = tuned_parts(stage)
+    skip = (
+        " The frame skip (frame_skip/) adds the input frame, projected per pixel, to the decoder's full-resolution "
+        "features: the decoder reads the camera frame as well as the edited latent, so structure the 4×32×32 "
+        "latent cannot hold survives an edit that keeps it."
+        if stage.frame_skip
+        else ""
+    )
+    return (
+        "- Then the one-step student was fine-tuned in pixel space towards the exact edits (training/pixel_finetune.py:"
+        f" its {' and '.join(parts)}), keeping its own output at other guidance scales where its UNet moved.{skip}"
     )
 
 
@@ -154,7 +178,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     # What each stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
     stages = stage_configs(stage_dirs, config_dir)
     decoder = decoder_stage(root / DECODER_STAGE)
-    pixel = pixel_stage(root / PIXEL_STAGE)
+    pixel = [(name, file, stage) for name, file in PIXEL_STAGES if (stage := pixel_stage(root / name)) is not None]
     data = stages.teacher.data
     edits = get_edits(stages.teacher.edits)
     lines = [
@@ -194,16 +218,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"{stages.guidance_distill.guidance_embedding_dim} each.",
         f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages.autoencoder.taesd.width} "
         "channels wide, 4 latent channels, trained here." + _decoder_note(decoder),
-        *(
-            []
-            if pixel is None
-            else [
-                "- Last, the one-step student was fine-tuned in pixel space through its frozen decoder towards the "
-                "exact edits (training/pixel_finetune.py: "
-                + ("its UNet and " if pixel.train_unet else "")
-                + "the routed contexts of its edits), keeping its own output at other guidance scales."
-            ]
-        ),
+        *(_pixel_line(stage) for _, _, stage in pixel),
         f"- Prompt encoder: {_encoder_line(stages.adversarial_distill.prompts)}",
         "",
         "## Training (reproduce from the repository root)",
@@ -226,8 +241,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         )
     if decoder is not None:
         lines.append(_decoder_row(root / DECODER_STAGE, decoder))
-    if pixel is not None:
-        lines.append(_pixel_row(root / PIXEL_STAGE, pixel))
+    lines += [_pixel_row(name, file, root / name, stage) for name, file, stage in pixel]
     lines += [
         "",
         "Paths under training/weights/ name the stage weights committed when the stage ran (training/README.md "

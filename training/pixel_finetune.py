@@ -3,10 +3,12 @@
 Every earlier stage scores the student in latent space, against a teacher's samples or the encoder's latents of the
 exact edit; what people see is the decoder's drawing of its output. This stage decodes the student's one-step output
 for training crops and compares pixels with the exact edit (s_T = 1, s_I = 1), or with the input itself for a share
-of rows at s_T = 0. It tunes the route table's edit contexts (engines.routing: the one context each edit is fed as)
-and, with `train_unet`, the UNet too. A `preserve_share` of rows at random scales in the student's trained ranges keep
-the starting student's own output there, so the guidance controls keep the behaviour they had. The decoder, encoder
-and the table's phrasings stay as they are; `final/` is the student's folder with the tuned parts.
+of rows at s_T = 0. It tunes the route table's edit contexts (engines.routing: the one context each edit is fed as),
+with `train_unet` the UNet too, and with `decoder_lr` the TAESD decoder, which `frame_skip` first gives a view of the
+input frame (engines.autoencoder.FrameSkip, zero-initialised: training starts from the student's exact output). A
+`preserve_share` of rows at random scales in the student's trained ranges keep the starting student's own output
+there, so the guidance controls keep the behaviour they had. The encoder and the table's phrasings stay as they are;
+`final/` is the student's folder with the tuned parts.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from engines.autoencoder import FrameSkip, TinyCodec
 from engines.config import ROUTES_FILE
-from engines.model import UNET_FOLDER
+from engines.model import FRAME_SKIP_FOLDER, TAESD_FOLDER, UNET_FOLDER
 from engines.routing import RouteTable
 from engines.sampling import student_start
 from engines.unet import GuidedUNet
@@ -31,7 +34,8 @@ from training.config import TrainConfig, recipe_main
 from training.data import CropSampler, DataConfig, load_split
 from training.distributed import require_one_process, train_device
 from training.draws import sample_scales
-from training.edits import get_edits
+from training.edits import gaussian_blur, get_edits
+from training.image_metrics import ssim_map
 from training.loop import EMA, clip_and_step, run_training
 from training.models import COMMITTED_STAGE_CONFIG, FINAL_FOLDER, load_editor_model, model_folder
 from training.prompts import PromptSpec
@@ -45,6 +49,15 @@ class PixelFinetuneConfig(TrainConfig):
     prompts: PromptSpec = Field(default_factory=PromptSpec, description="The student's prompt encoder.")
     train_unet: bool = Field(False, description="Train the UNet's weights too (else only the edits' contexts).")
     context_lr: float = Field(3e-3, ge=0, description="Peak learning rate of the edit contexts (0: kept).")
+    decoder_lr: float = Field(
+        0.0, ge=0, description="Peak learning rate of the TAESD decoder and its frame skip (0: kept)."
+    )
+    frame_skip: bool = Field(
+        False,
+        description="Give the decoder a zero-initialised frame skip (the input frame joins its full-resolution "
+        "features) if the student has none; trained at decoder_lr.",
+    )
+    frame_skip_kernel: int = Field(1, ge=1, description="The frame skip's kernel size (odd).")
     identity_share: float = Field(
         0.2, ge=0, le=1, description="Share of rows at s_T = 0, whose target is the input (the edit off)."
     )
@@ -55,20 +68,40 @@ class PixelFinetuneConfig(TrainConfig):
         description="Share of rows at random (s_T, s_I) in the trained ranges whose target is the starting "
         "student's own output there (same noise, its starting contexts).",
     )
+    preserve_lowpass_sigma: float = Field(
+        0.0,
+        ge=0,
+        description="When > 0, preserved rows match the starting output only after a Gaussian blur of this σ (its "
+        "colours and strength, not its softness), and are left out of the SSIM term: for a decoder that is meant "
+        "to draw sharper than the one it starts from.",
+    )
+    order_rows: int = Field(
+        0,
+        ge=0,
+        description="Rows a batch also edits at two text scales s_T < s_T + order_step (drawn in the trained range, "
+        "same crop, noise and edit), to keep edit strength rising with s_T: the stronger one must move the frame "
+        "further (mean |output − input|) by order_margin levels.",
+    )
+    order_step: float = Field(0.25, gt=0, description="The s_T gap of an ordered pair.")
+    order_margin: float = Field(0.5, ge=0, description="Levels (0..255) the higher s_T must move the frame further.")
+    order_weight: float = Field(1.0, ge=0, description="Weight of the ordered pairs' hinge loss.")
     l1_weight: float = Field(1.0, ge=0, description="Pixel L1.")
     mse_weight: float = Field(1.0, ge=0, description="Pixel MSE (what PSNR measures).")
+    ssim_weight: float = Field(0.0, ge=0, description="1 − SSIM (the evaluation's, training.image_metrics): structure.")
     context_anchor_weight: float = Field(
         0.0, ge=0, description="Squared distance of each context from where it started, relative to its norm²."
     )
 
 
 class TunedParts(nn.Module):
-    """What the stage trains: the edits' contexts (E, 1, D) and the student's (guided) UNet."""
+    """What the stage may train: the edits' contexts (E, 1, D), the student's (guided) UNet and its codec's decoder
+    (with its frame skip); the flags say which parts move."""
 
-    def __init__(self, contexts: torch.Tensor, unet: GuidedUNet) -> None:
+    def __init__(self, contexts: torch.Tensor, unet: GuidedUNet, codec: TinyCodec) -> None:
         super().__init__()
         self.contexts = nn.Parameter(contexts.detach().clone().float())
         self.unet = unet
+        self.codec = codec
 
 
 class PixelStep:
@@ -83,15 +116,28 @@ class PixelStep:
         self.device = train_device(config.device)
         self.editor = model.config
         self.schedule = model.schedule
-        self.codec = model.codec.requires_grad_(False).eval().to(self.device)
+        codec = model.codec
+        if not isinstance(codec, TinyCodec):
+            raise ValueError(f"{folder} decodes with an AutoencoderKL; this stage tunes TAESD students")
+        if config.frame_skip and codec.frame_skip is None:
+            width = codec.taesd.config.decoder_block_out_channels[-1]
+            codec = TinyCodec(codec.taesd, FrameSkip(feature_channels=width, kernel_size=config.frame_skip_kernel))
+        codec.requires_grad_(False).eval().to(self.device)
+        if config.decoder_lr > 0:
+            codec.taesd.decoder.requires_grad_(True)
+            if codec.frame_skip is not None:
+                codec.frame_skip.requires_grad_(True)
         self.edits = get_edits(list(table.edit_names))
         self.start_contexts = table.edit_contexts.clone().to(self.device)
-        # The starting UNet answers the preserved rows; without them no copy is kept.
+        # The starting UNet and decoder answer the preserved rows; without them no copy is kept.
         self.start_unet: GuidedUNet | None = None
+        self.start_codec: TinyCodec = codec
         if config.preserve_share > 0:
             self.start_unet = copy.deepcopy(model.unet).requires_grad_(False).eval().to(self.device)
+            if config.decoder_lr > 0:
+                self.start_codec = copy.deepcopy(codec).requires_grad_(False).eval()
         unet = model.unet.requires_grad_(config.train_unet).eval().to(self.device)
-        self.parts = TunedParts(table.edit_contexts, unet).to(self.device)
+        self.parts = TunedParts(table.edit_contexts, unet, codec).to(self.device)
         self.parts.contexts.requires_grad_(config.context_lr > 0)
         self.rng = np.random.default_rng(config.seed)
         self.crops = CropSampler(load_split(config.data).train, config.data, self.rng)
@@ -106,11 +152,43 @@ class PixelStep:
         return scales
 
     def _decoded(
-        self, unet: nn.Module, x_t: torch.Tensor, z_image: torch.Tensor, context: torch.Tensor, scales: torch.Tensor
+        self,
+        unet: nn.Module,
+        codec: TinyCodec,
+        x_t: torch.Tensor,
+        z_image: torch.Tensor,
+        frames: torch.Tensor,
+        context: torch.Tensor,
+        scales: torch.Tensor,
     ) -> torch.Tensor:
         ts = torch.full((x_t.shape[0],), self.editor.student_timestep, dtype=torch.long, device=self.device)
         out = unet(torch.cat([x_t, z_image], 1), ts, context, scales)
-        return self.codec.decode(self.schedule.predict_x0(out.float(), x_t, ts))
+        return codec.decode(self.schedule.predict_x0(out.float(), x_t, ts), frames)
+
+    def _order_hinge(
+        self, x: torch.Tensor, z_image: torch.Tensor, x_t: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean hinge of the ordered pairs: how far each higher-s_T edit falls short of moving its frame
+        order_margin levels further than the lower-s_T one."""
+        c, n = self.config, x.shape[0]
+        bottom, top = self.editor.trained_text_guidance
+        text_range = (bottom, max(bottom, top - c.order_step))  # both of a pair's scales in the trained range
+        low = sample_scales(self.rng, n, text_range, self.editor.trained_image_guidance)
+        high = low.clone()
+        high[:, 0] += c.order_step
+        scales = torch.cat([low, high]).to(self.device)
+        context = self.parts.contexts[ids[:n].to(self.device)].repeat(2, 1, 1)
+        decoded = self._decoded(
+            self.parts.unet,
+            self.parts.codec,
+            x_t.repeat(2, 1, 1, 1),
+            z_image.repeat(2, 1, 1, 1),
+            x.repeat(2, 1, 1, 1),
+            context,
+            scales,
+        )
+        strength = (decoded - x.repeat(2, 1, 1, 1)).abs().mean(dim=(1, 2, 3)) * 127.5  # levels, as the report's
+        return F.relu(strength[:n] - strength[n:] + c.order_margin).mean()
 
     def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         c, b = self.config, self.config.batch_size
@@ -128,26 +206,41 @@ class PixelStep:
         scales = self._scales(b, identity, preserve).to(self.device)
         ids, preserve, exact = ids.to(self.device), preserve.to(self.device), exact.to(self.device)
         with torch.no_grad():
-            z_image = self.codec.encode(x) * self.editor.image_latent_scale
+            z_image = self.parts.codec.encode(x) * self.editor.image_latent_scale
             x_t = student_start(self.schedule, torch.randn(z_image.shape), self.editor.student_timestep, None)
             x_t = x_t.to(self.device)
             if self.start_unet is not None and preserve.any():
                 kept = self._decoded(
                     self.start_unet,
+                    self.start_codec,
                     x_t[preserve],
                     z_image[preserve],
+                    x[preserve],
                     self.start_contexts[ids[preserve]],
                     scales[preserve],
                 )
                 y = y.clone()
                 y[preserve] = kept
-        decoded = self._decoded(self.parts.unet, x_t, z_image, self.parts.contexts[ids], scales)
-        mse = F.mse_loss(decoded, y)
-        loss = c.l1_weight * (decoded - y).abs().mean() + c.mse_weight * mse
+        decoded = self._decoded(self.parts.unet, self.parts.codec, x_t, z_image, x, self.parts.contexts[ids], scales)
+        compared, structured = decoded, torch.ones_like(preserve)
+        if c.preserve_lowpass_sigma > 0 and preserve.any():
+            compared, y = decoded.clone(), y.clone()
+            compared[preserve] = gaussian_blur(decoded[preserve], c.preserve_lowpass_sigma)
+            y[preserve] = gaussian_blur(y[preserve], c.preserve_lowpass_sigma)
+            structured = ~preserve
+        mse = F.mse_loss(compared, y)
+        loss = c.l1_weight * (compared - y).abs().mean() + c.mse_weight * mse
+        if c.ssim_weight > 0 and structured.any():
+            similarity = ssim_map((decoded[structured].clamp(-1, 1) + 1) / 2, (y[structured] + 1) / 2)
+            loss = loss + c.ssim_weight * (1 - similarity.mean())
         start = self.start_contexts
         moved = ((self.parts.contexts - start) ** 2).sum(-1) / (start**2).sum(-1)
         loss = loss + c.context_anchor_weight * moved.mean()
         logged = {"moved": float(moved.detach().mean().sqrt())}
+        if c.order_rows > 0:
+            hinge = self._order_hinge(x[: c.order_rows], z_image[: c.order_rows], x_t[: c.order_rows], ids)
+            loss = loss + c.order_weight * hinge
+            logged["order"] = float(hinge.detach())
         if exact.any():  # the operating point's own fidelity, as the evaluation measures it (peak-to-peak 2)
             exact_mse = F.mse_loss(decoded.detach()[exact], y[exact])
             logged["psnr_exact"] = float(10 * torch.log10(4.0 / exact_mse.clamp_min(1e-10)))
@@ -166,10 +259,18 @@ def _save_final(config: PixelFinetuneConfig, folder: Path, table: RouteTable, tu
     if config.context_lr > 0:
         source = f"tuned in pixel space by training.pixel_finetune ({config.steps} steps from {source})"
     RouteTable(table.phrasings, table.edit_of_phrasing, table.edit_names, contexts, source).save(tmp / ROUTES_FILE)
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     if config.train_unet:
-        dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
         shutil.rmtree(tmp / UNET_FOLDER)
         copy.deepcopy(tuned.unet.unet).cpu().to(dtype).save_pretrained(str(tmp / UNET_FOLDER))
+    if config.decoder_lr > 0:
+        # The encoder is saved too, unchanged: fp16 weights read as fp32 and written back are the same bytes.
+        taesd = copy.deepcopy(tuned.codec.taesd).cpu().to(dtype)
+        shutil.rmtree(tmp / TAESD_FOLDER)
+        taesd.save_pretrained(str(tmp / TAESD_FOLDER))
+        if tuned.codec.frame_skip is not None:
+            shutil.rmtree(tmp / FRAME_SKIP_FOLDER, ignore_errors=True)
+            copy.deepcopy(tuned.codec.frame_skip).cpu().to(dtype).save_pretrained(str(tmp / FRAME_SKIP_FOLDER))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -189,10 +290,13 @@ def train(config: PixelFinetuneConfig) -> Path:
     unet_params = [p for p in parts.unet.parameters() if p.requires_grad]
     if unet_params:
         groups.append({"params": unet_params, "lr": config.lr, "weight_decay": config.weight_decay})
+    decoder_params = [p for p in parts.codec.parameters() if p.requires_grad]
+    if decoder_params:
+        groups.append({"params": decoder_params, "lr": config.decoder_lr, "weight_decay": config.weight_decay})
     if parts.contexts.requires_grad:
         groups.append({"params": [parts.contexts], "lr": config.context_lr, "weight_decay": 0.0})
     if not groups:
-        raise ValueError("nothing to train: context_lr is 0 and train_unet is false")
+        raise ValueError("nothing to train: context_lr and decoder_lr are 0 and train_unet is false")
     optimizer = torch.optim.AdamW(groups)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]  # run_training scales it by the schedule each step
