@@ -24,6 +24,8 @@ from engines.editor import Editor, EditRequest
 from engines.loader import EngineSpec, default_params, load_editor
 from engines.params import EditParams
 from engines.temporal import StreamState, flicker
+from training.edits import Edit, get_edits
+from training.evaluate import apply_edit
 
 ATTRIBUTION = "Sample videos by Intel Corporation (intel-iot-devkit/sample-videos), CC BY 4.0"
 DEFAULT_CLIPS = ["asl_book.mkv", "asl_again.mkv", "person_walk.mp4"]
@@ -88,6 +90,11 @@ def run_clip(
     return outputs, editor.unet_rows - rows_before, skipped, time.perf_counter() - started
 
 
+def exact_edit(prompt: str) -> Edit | None:
+    """The trained edit whose training phrasings include `prompt`, if any: its exact target is the reference."""
+    return next((e for e in get_edits() if prompt in e.phrasings), None)
+
+
 def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
     parts = [machine_markdown(machine, command)]
     if data["weights_status"] != "trained":
@@ -108,6 +115,13 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
         "seconds of video covered. Mechanisms not named are off; the similarity skip uses the default threshold "
         f"{EditParams().skip_threshold} and at most {EditParams().max_skipped_frames} skips in a row.\n"
     )
+    reference = data.get("exact_edit")
+    if reference:
+        per_clip = ", ".join(f"{clip} {value:.4g}" for clip, value in reference["flicker"].items())
+        parts.append(
+            f"The exact edit itself ({reference['edit']}, `training/edits.py`, applied to each frame) flickers "
+            f"{per_clip}: what an editor that drew every frame's target would score.\n"
+        )
     baseline = data["summary"]["all off"]["flicker_mean"]
     rows = []
     for name, s in data["summary"].items():
@@ -207,9 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     context = editor.encode_prompt(args.prompt)
     base = default_params(editor.config)  # the model's own operating point (s_T, s_I)
     runs: list[dict[str, Any]] = []
+    edit = exact_edit(args.prompt)
+    exact: dict[str, float] = {}
     for clip in args.clips:
         frames, fps = load_frames(args.media / clip, args.frames, args.stride, editor.resolution)
         video_s = len(frames) * args.stride / fps
+        if edit is not None:
+            exact[clip] = flicker(frames, apply_edit(edit, frames))
         for name, switches in MECHANISMS.items():
             params = base.model_copy(update={"prompt": args.prompt, **switches})
             outputs, calls, skipped, seconds = run_clip(editor, frames, params, context)
@@ -266,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "mechanisms": MECHANISMS,
         "summary": summary,
         "runs": runs,
+        "exact_edit": None if edit is None else {"edit": edit.name, "flicker": exact},
     }
     md, js = write_results(
         "temporal_cpu",
