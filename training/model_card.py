@@ -116,9 +116,14 @@ def _pixel_line(stage: PixelFinetuneConfig) -> str:
         if stage.frame_skip
         else ""
     )
+    kept = ""
+    if stage.preserve_share > 0:
+        kept = ", keeping its own output at other guidance scales"
+    if stage.order_rows > 0:
+        kept += ", with pairs of text scales whose edit strength must rise with s_T"
     return (
         "- Then the one-step student was fine-tuned in pixel space towards the exact edits (training/pixel_finetune.py:"
-        f" its {' and '.join(parts)}), keeping its own output at other guidance scales where its UNet moved.{skip}"
+        f" its {' and '.join(parts)}){kept}.{skip}"
     )
 
 
