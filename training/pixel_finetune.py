@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from engines.autoencoder import FrameSkip, TinyCodec
+from engines.autoencoder import Codec, FrameSkip, TinyCodec
 from engines.config import ROUTES_FILE
 from engines.model import FRAME_SKIP_FOLDER, TAESD_FOLDER, UNET_FOLDER
 from engines.routing import RouteTable
@@ -97,7 +97,7 @@ class TunedParts(nn.Module):
     """What the stage may train: the edits' contexts (E, 1, D), the student's (guided) UNet and its codec's decoder
     (with its frame skip); the flags say which parts move."""
 
-    def __init__(self, contexts: torch.Tensor, unet: GuidedUNet, codec: TinyCodec) -> None:
+    def __init__(self, contexts: torch.Tensor, unet: GuidedUNet, codec: Codec) -> None:
         super().__init__()
         self.contexts = nn.Parameter(contexts.detach().clone().float())
         self.unet = unet
@@ -117,13 +117,13 @@ class PixelStep:
         self.editor = model.config
         self.schedule = model.schedule
         codec = model.codec
-        if not isinstance(codec, TinyCodec):
-            raise ValueError(f"{folder} decodes with an AutoencoderKL; this stage tunes TAESD students")
-        if config.frame_skip and codec.frame_skip is None:
+        if not isinstance(codec, TinyCodec) and (config.decoder_lr > 0 or config.frame_skip):
+            raise ValueError(f"{folder} decodes with an AutoencoderKL; only a TAESD decoder is trained here")
+        if config.frame_skip and isinstance(codec, TinyCodec) and codec.frame_skip is None:
             width = codec.taesd.config.decoder_block_out_channels[-1]
             codec = TinyCodec(codec.taesd, FrameSkip(feature_channels=width, kernel_size=config.frame_skip_kernel))
         codec.requires_grad_(False).eval().to(self.device)
-        if config.decoder_lr > 0:
+        if isinstance(codec, TinyCodec) and config.decoder_lr > 0:
             codec.taesd.decoder.requires_grad_(True)
             if codec.frame_skip is not None:
                 codec.frame_skip.requires_grad_(True)
@@ -131,7 +131,7 @@ class PixelStep:
         self.start_contexts = table.edit_contexts.clone().to(self.device)
         # The starting UNet and decoder answer the preserved rows; without them no copy is kept.
         self.start_unet: GuidedUNet | None = None
-        self.start_codec: TinyCodec = codec
+        self.start_codec: Codec = codec
         if config.preserve_share > 0:
             self.start_unet = copy.deepcopy(model.unet).requires_grad_(False).eval().to(self.device)
             if config.decoder_lr > 0:
@@ -154,7 +154,7 @@ class PixelStep:
     def _decoded(
         self,
         unet: nn.Module,
-        codec: TinyCodec,
+        codec: Codec,
         x_t: torch.Tensor,
         z_image: torch.Tensor,
         frames: torch.Tensor,
@@ -264,6 +264,7 @@ def _save_final(config: PixelFinetuneConfig, folder: Path, table: RouteTable, tu
         shutil.rmtree(tmp / UNET_FOLDER)
         copy.deepcopy(tuned.unet.unet).cpu().to(dtype).save_pretrained(str(tmp / UNET_FOLDER))
     if config.decoder_lr > 0:
+        assert isinstance(tuned.codec, TinyCodec)  # PixelStep refuses anything else
         # The encoder is saved too, unchanged: fp16 weights read as fp32 and written back are the same bytes.
         taesd = copy.deepcopy(tuned.codec.taesd).cpu().to(dtype)
         shutil.rmtree(tmp / TAESD_FOLDER)
