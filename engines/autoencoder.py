@@ -16,8 +16,13 @@ DEFAULT_TAESD_CONFIG: dict[str, object] = {
 }
 
 
+#: The frame skip's kernel when none is named (a 1×1 projection: the cheapest; the shipped v7 has a 3×3).
+FRAME_SKIP_KERNEL = 1
+
+
 class FrameSkip(ModelMixin, ConfigMixin):
-    """The input frame, projected per pixel into the TAESD decoder's features just after its last upsampling.
+    """The input frame, through one small convolution, added to the TAESD decoder's features just after its last
+    upsampling.
 
     An edit is decoded from 4×32×32 latents at 256², which cannot hold the frame's fine structure (the decoder's own
     round trip of a frame scores SSIM 0.84, where a colour-only edit keeps the input's 0.85–0.93); the frame itself
@@ -28,7 +33,7 @@ class FrameSkip(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, feature_channels: int = 16, kernel_size: int = 1) -> None:
+    def __init__(self, in_channels: int = 3, feature_channels: int = 16, kernel_size: int = FRAME_SKIP_KERNEL) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd (same-size output), got {kernel_size}")

@@ -121,8 +121,9 @@ def autoencoder_round_trip(
 ) -> list[np.ndarray]:
     """decode(encode(x)) through an editor's autoencoder: the best any UNet could do through it. A decoder with a
     frame skip reads the editor's input frames (`inputs`, by default the images themselves), as it does in service."""
-    frames = frames_to_tensor(inputs if inputs is not None else images)
-    return tensor_to_frames(codec.decode(codec.encode(frames_to_tensor(images)), frames))
+    encoded = frames_to_tensor(images)
+    frames = encoded if inputs is None else frames_to_tensor(inputs)
+    return tensor_to_frames(codec.decode(codec.encode(encoded), frames))
 
 
 #: The config keys that name the model a stage started from.

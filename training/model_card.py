@@ -110,9 +110,9 @@ def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig) -
 def _pixel_line(stage: PixelFinetuneConfig) -> str:
     parts = tuned_parts(stage)
     skip = (
-        " The frame skip (frame_skip/) adds the input frame, projected per pixel, to the decoder's full-resolution "
-        "features: the decoder reads the camera frame as well as the edited latent, so structure the 4×32×32 "
-        "latent cannot hold survives an edit that keeps it."
+        " The frame skip (frame_skip/) adds the input frame, through one small convolution, to the decoder's "
+        "full-resolution features: the decoder reads the camera frame as well as the edited latent, so structure "
+        "the 4×32×32 latent cannot hold survives an edit that keeps it."
         if stage.frame_skip
         else ""
     )

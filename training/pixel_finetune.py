@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from engines.autoencoder import Codec, FrameSkip, TinyCodec
+from engines.autoencoder import FRAME_SKIP_KERNEL, Codec, FrameSkip, TinyCodec
 from engines.config import ROUTES_FILE
 from engines.model import FRAME_SKIP_FOLDER, TAESD_FOLDER, UNET_FOLDER
 from engines.routing import RouteTable
@@ -57,7 +57,7 @@ class PixelFinetuneConfig(TrainConfig):
         description="Give the decoder a zero-initialised frame skip (the input frame joins its full-resolution "
         "features) if the student has none; trained at decoder_lr.",
     )
-    frame_skip_kernel: int = Field(1, ge=1, description="The frame skip's kernel size (odd).")
+    frame_skip_kernel: int = Field(FRAME_SKIP_KERNEL, ge=1, description="The frame skip's kernel size (odd).")
     identity_share: float = Field(
         0.2, ge=0, le=1, description="Share of rows at s_T = 0, whose target is the input (the edit off)."
     )
@@ -178,16 +178,17 @@ class PixelStep:
         high[:, 0] += c.order_step
         scales = torch.cat([low, high]).to(self.device)
         context = self.parts.contexts[ids[:n].to(self.device)].repeat(2, 1, 1)
+        frames = x.repeat(2, 1, 1, 1)
         decoded = self._decoded(
             self.parts.unet,
             self.parts.codec,
             x_t.repeat(2, 1, 1, 1),
             z_image.repeat(2, 1, 1, 1),
-            x.repeat(2, 1, 1, 1),
+            frames,
             context,
             scales,
         )
-        strength = (decoded - x.repeat(2, 1, 1, 1)).abs().mean(dim=(1, 2, 3)) * 127.5  # levels, as the report's
+        strength = (decoded - frames).abs().mean(dim=(1, 2, 3)) * 127.5  # levels, as the report's
         return F.relu(strength[:n] - strength[n:] + c.order_margin).mean()
 
     def loss(self) -> tuple[torch.Tensor, dict[str, float]]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from engines.backends.base import Backend, BackendUnavailable
-from engines.export import export_onnx
+from engines.export import FRAMES_INPUT, export_onnx
 from engines.model import EditorModel
 
 
@@ -76,7 +76,7 @@ class OnnxRuntimeBackend(Backend):
 
     def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         if frames is None:
-            if "frames" in self._inputs["decoder"]:
+            if FRAMES_INPUT in self._inputs["decoder"]:
                 raise ValueError("this model's decoder reads the input frame (it has a frame skip): pass the frames")
             return self._run("decoder", latents=latents)
-        return self._run("decoder", latents=latents, frames=frames)
+        return self._run("decoder", latents=latents, **{FRAMES_INPUT: frames})

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engines.backends.base import Backend, BackendUnavailable
-from engines.export import GRAPH_NAMES, default_cache_dir, export_onnx
+from engines.export import FRAMES_INPUT, GRAPH_NAMES, default_cache_dir, export_onnx
 from engines.model import EditorModel
 from engines.spec import DEFAULT_MAX_BATCH
 
@@ -276,8 +276,8 @@ class TensorRTBackend(Backend):
 
     def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         engine = self._engines["decoder"]
-        if "frames" not in engine.inputs:
+        if FRAMES_INPUT not in engine.inputs:
             return engine(latents=latents)
         if frames is None:
             raise ValueError("this model's decoder reads the input frame (it has a frame skip): pass the frames")
-        return engine(latents=latents, frames=frames)
+        return engine(latents=latents, **{FRAMES_INPUT: frames})
