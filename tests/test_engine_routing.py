@@ -259,6 +259,17 @@ def test_the_pixel_finetune_gives_the_decoder_a_frame_skip_and_trains_only_what_
         train_pixel_finetune(_finetune_run(tmp_path / "further", final, context_lr=0.0, decoder_lr=0.01))
     ).codec
     assert further.frame_skip is not None and not torch.equal(further.frame_skip.proj.weight, skip["proj.weight"])
+    # A run may remove decoder blocks to buy back their cost: the final folder is a stock TAESD with fewer blocks
+    # whose decoder still reads the frame; a pruned decoder that would not be trained is refused up front.
+    with pytest.raises(ValueError, match="drop_decoder_blocks needs decoder_lr > 0"):
+        _finetune_run(tmp_path / "unsaved", final, context_lr=0.0, drop_decoder_blocks=[8])
+    pruned = EditorModel.from_pretrained(
+        train_pixel_finetune(
+            _finetune_run(tmp_path / "pruned", final, context_lr=0.0, decoder_lr=0.01, drop_decoder_blocks=[8])
+        )
+    ).codec
+    assert tuple(pruned.taesd.config.num_decoder_blocks) == (1, 1, 0, 1) and pruned.reads_frames
+    assert len(pruned.taesd.decoder.layers) == len(again.taesd.decoder.layers) - 1
 
 
 def _finetune_run(output_dir: Path, student: Path, **fields: object) -> PixelFinetuneConfig:

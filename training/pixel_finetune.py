@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from engines.autoencoder import FRAME_SKIP_KERNEL, Codec, FrameSkip, TinyCodec
@@ -32,6 +32,7 @@ from engines.unet import GuidedUNet
 from training.checkpoint import TrainState
 from training.config import TrainConfig, recipe_main
 from training.data import CropSampler, DataConfig, load_split
+from training.decoder_blocks import without_decoder_blocks
 from training.distributed import require_one_process, train_device
 from training.draws import sample_scales
 from training.edits import gaussian_blur, get_edits
@@ -58,6 +59,12 @@ class PixelFinetuneConfig(TrainConfig):
         "features) if the student has none; trained at decoder_lr.",
     )
     frame_skip_kernel: int = Field(FRAME_SKIP_KERNEL, ge=1, description="The frame skip's kernel size (odd).")
+    drop_decoder_blocks: list[int] = Field(
+        default_factory=list,
+        description="Residual blocks of the TAESD decoder (indices in its layer list: "
+        "training.decoder_blocks.decoder_block_levels) removed before training, to buy back their frame cost; "
+        "needs decoder_lr > 0.",
+    )
     identity_share: float = Field(
         0.2, ge=0, le=1, description="Share of rows at s_T = 0, whose target is the input (the edit off)."
     )
@@ -92,6 +99,12 @@ class PixelFinetuneConfig(TrainConfig):
         0.0, ge=0, description="Squared distance of each context from where it started, relative to its norm²."
     )
 
+    @model_validator(mode="after")
+    def _pruned_decoder_is_trained(self) -> PixelFinetuneConfig:
+        if self.drop_decoder_blocks and self.decoder_lr <= 0:
+            raise ValueError("drop_decoder_blocks needs decoder_lr > 0: a pruned decoder must be trained and saved")
+        return self
+
 
 class TunedParts(nn.Module):
     """What the stage may train: the edits' contexts (E, 1, D), the student's (guided) UNet and its codec's decoder
@@ -119,6 +132,8 @@ class PixelStep:
         codec = model.codec
         if not isinstance(codec, TinyCodec) and (config.decoder_lr > 0 or config.frame_skip):
             raise ValueError(f"{folder} decodes with an AutoencoderKL; only a TAESD decoder is trained here")
+        if config.drop_decoder_blocks and isinstance(codec, TinyCodec):
+            codec = TinyCodec(without_decoder_blocks(codec.taesd, config.drop_decoder_blocks), codec.frame_skip)
         if config.frame_skip and isinstance(codec, TinyCodec) and codec.frame_skip is None:
             width = codec.taesd.config.decoder_block_out_channels[-1]
             codec = TinyCodec(codec.taesd, FrameSkip(feature_channels=width, kernel_size=config.frame_skip_kernel))
