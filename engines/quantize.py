@@ -31,6 +31,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.autoencoder import TinyCodec, last_upsample_end
 from engines.backends.base import Backend
 from engines.export import FRAMES_INPUT, GRAPH_NAMES, INPUT_NAMES, ExportedGraphs, export_onnx, input_names, onnx_folder
 from engines.model import INT8_FOLDER, EditorModel
@@ -57,6 +58,11 @@ class GraphRecipe(BaseModel):
 
     op_types: list[str] | None = Field(None, description="Op types to quantize; None: every one ORT can.")
     exclude: list[str] = Field(default_factory=list, description="Regexes on node names that stay float.")
+    float_after_frame_join: bool = Field(
+        False,
+        description="The decoder from where the input frame joins stays float: its frame skip, their Add and every "
+        "layer after the last upsampling, found in the model at calibration and written into `exclude`.",
+    )
 
 
 class QuantizationRecipe(BaseModel):
@@ -72,15 +78,31 @@ class QuantizationRecipe(BaseModel):
 # altogether (held-out PSNR fell to the unedited input's); its timestep and guidance embeddings and attention
 # scores need float. Its convolutions and projections in int8, and the whole 16-wide autoencoder, cost < 0.1 dB.
 # Once the decoder read the input frame (v7), its full-resolution part in int8 (from where the frame joins: the
-# frame skip, its Add and layers 16-18 of the (3, 3, 3, 1)-block TAESD) cost 0.27 dB and more flicker; kept float,
+# frame skip, its Add and the layers after the last upsampling) cost 0.27 dB and more flicker; kept float,
 # 0.13 dB and fixed-noise flicker 1.03 / 1.29 / 5.48 instead of 1.15 / 1.37 / 6.10, at the same frame time.
 DEFAULT_RECIPE = QuantizationRecipe(
     graphs={
         "encoder": GraphRecipe(),
         "unet": GraphRecipe(op_types=["Conv", "MatMul"], exclude=[r"attn\d/MatMul(_1)?$", r"time_embedding/"]),
-        "decoder": GraphRecipe(exclude=[r"^/frame_skip/", r"^/Add$", r"^/layers\.1[6-8]/"]),
+        "decoder": GraphRecipe(float_after_frame_join=True),
     }
 )
+
+
+def recipe_for(model: EditorModel, recipe: QuantizationRecipe) -> QuantizationRecipe:
+    """`recipe` with what depends on this model's layout written out as node names (the record keeps this form)."""
+    codec = model.codec
+    if not isinstance(codec, TinyCodec) or not codec.reads_frames:
+        return recipe
+    layers = len(codec.taesd.decoder.layers)
+    after_join = "|".join(str(i) for i in range(last_upsample_end(codec.taesd), layers))
+    # Node names of the exported decoder (CodecDecoder): the skip's own, the Add that joins it, the layers after.
+    joined = [r"^/frame_skip/", r"^/Add$", rf"^/layers\.({after_join})/"]
+    graphs = {
+        name: part.model_copy(update={"exclude": [*part.exclude, *joined]}) if part.float_after_frame_join else part
+        for name, part in recipe.graphs.items()
+    }
+    return recipe.model_copy(update={"graphs": graphs})
 
 
 class QuantizationRecord(BaseModel):
@@ -213,6 +235,7 @@ def calibrate(
     if not frames or not edits:
         raise ValueError("calibration needs at least one frame and one edit")
     resolution = resolution or model.config.resolution
+    recipe = recipe_for(model, recipe)
     recorder = RecordingBackend(OnnxRuntimeBackend(model, resolution, cache_dir), input_names(model))
     editor = Editor(recorder, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
     for i, frame in enumerate(frames):

@@ -1,6 +1,7 @@
 """A decoder that reads the input frame (engines.autoencoder.FrameSkip) on a tiny editor the test makes: loaded from
-frame_skip/, exact when zero, run alike by the torch and ONNX Runtime backends and by int8 calibration, refused
-with a message where a frame is missing or the skip does not fit.
+frame_skip/, exact when zero, run alike by the torch and ONNX Runtime backends and by int8 calibration (which keeps
+the decoder float from where the frame joins, wherever that is), refused with a message where a frame is missing or
+the skip does not fit.
 
 Stated tolerance: as tests/test_engine_onnx.py, ONNX Runtime and eager PyTorch agree within float rounding
 (atol 1e-5 + rtol 1e-4 on tensors, 1 level on uint8 frames).
@@ -8,11 +9,15 @@ Stated tolerance: as tests/test_engine_onnx.py, ONNX Runtime and eager PyTorch a
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from diffusers import AutoencoderTiny
 
 from engines.autoencoder import FrameSkip, TinyCodec
 from engines.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -21,10 +26,11 @@ from engines.editor import Editor, EditRequest, frames_to_tensor
 from engines.export import export_onnx
 from engines.model import FRAME_SKIP_FOLDER, EditorModel, ModelFolderError, folder_fingerprint, load_frame_skip
 from engines.params import EditParams
-from engines.quantize import calibrate
+from engines.quantize import DEFAULT_RECIPE, calibrate, recipe_for
 from engines.temporal import StreamState
 from engines.text import CachedPromptEncoder
 from tests.test_engine_loading import TINY_IMAGE, make_tiny_student_folder, random_frames
+from training.decoder_blocks import without_decoder_blocks
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -141,3 +147,30 @@ def test_int8_calibration_records_the_frames_the_decoder_reads(model: EditorMode
     frames = random_frames(2, seed=7)
     for a, b in zip(edit(int8, model, frames), edit(fp32, model, frames), strict=True):
         assert float(np.abs(a.astype(float) - b.astype(float)).mean()) < 8.0  # int8 rounding, not another image
+
+
+def test_int8_keeps_the_decoder_float_from_where_the_frame_joins_in_a_pruned_decoder_too(
+    plain_folder: Path, tmp_path: Path
+) -> None:
+    """The recipe names no layer: for a decoder with a block removed (so its layers are renumbered) the float part is
+    still the frame skip, its Add and every convolution after the last upsampling, and nothing before it."""
+    folder = tmp_path / "pruned"
+    shutil.copytree(plain_folder, folder)
+    pruned = without_decoder_blocks(AutoencoderTiny.from_pretrained(str(folder / "taesd")), [8])
+    shutil.rmtree(folder / "taesd")
+    pruned.save_pretrained(str(folder / "taesd"))
+    add_frame_skip(folder)
+    model = EditorModel.from_pretrained(folder)
+    exclude = recipe_for(model, DEFAULT_RECIPE).graphs["decoder"].exclude
+    nodes = list(onnx.load(str(export_onnx(model, TINY_IMAGE, tmp_path).path("decoder"))).graph.node)
+    kept_float = {n.name for n in nodes if any(re.search(pattern, n.name) for pattern in exclude)}
+    last_upsample = max(i for i, n in enumerate(nodes) if n.op_type == "Resize")
+    convs = {i: n.name for i, n in enumerate(nodes) if n.op_type == "Conv"}
+    skip = {name for name in convs.values() if name.startswith("/frame_skip/")}
+    assert len(skip) == 1 and skip <= kept_float
+    assert {name for i, name in convs.items() if i > last_upsample} <= kept_float
+    assert not {name for i, name in convs.items() if i < last_upsample} - skip & kept_float
+    skip_output = next(n.output[0] for n in nodes if n.name in skip)
+    assert all(n.name in kept_float for n in nodes if skip_output in n.input)  # the Add where the frame joins
+    # A decoder that does not read the frame has nothing to keep float.
+    assert recipe_for(EditorModel.from_pretrained(plain_folder), DEFAULT_RECIPE) == DEFAULT_RECIPE
