@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import shlex
 import signal
 import socket
@@ -125,13 +126,21 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin so that load from other processes hits all alike."""
+    """Seconds per call of each function, measured round-robin so that load from other processes hits all alike.
+
+    Each round runs them in a fresh order (seeded): a call is slower after some calls than after others (a torch
+    edit before an ONNX Runtime one leaves the caches and threads another way), and in a fixed order that
+    difference went to one of them every round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffler = random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        shuffler.shuffle(order)
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
