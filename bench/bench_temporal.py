@@ -75,6 +75,18 @@ def mean_step_change(frames: list[np.ndarray]) -> float:
     return float(np.mean(steps))
 
 
+def off_target_change(frames: list[np.ndarray], outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
+    """mean |ΔO − ΔT| / mean |ΔI|: the output's frame-to-frame change that the exact edit's own change does not
+    explain, relative to the camera's. Flicker counts an output that follows the scene's motion as unsteady; this
+    does not (an editor that drew every frame's target scores 0)."""
+    steps = [
+        np.abs((o1.astype(np.float32) - o0.astype(np.float32)) - (t1.astype(np.float32) - t0.astype(np.float32)))
+        for o0, o1, t0, t1 in zip(outputs, outputs[1:], targets, targets[1:], strict=False)
+    ]
+    camera = mean_step_change(frames)
+    return float(np.mean([step.mean() for step in steps])) / camera if camera > 0 else 0.0
+
+
 def run_clip(
     editor: Editor, frames: list[np.ndarray], params: EditParams, context: torch.Tensor
 ) -> tuple[list[np.ndarray], int, int, float]:
@@ -120,8 +132,12 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
         per_clip = ", ".join(f"{clip} {value:.4g}" for clip, value in reference["flicker"].items())
         parts.append(
             f"The exact edit itself ({reference['edit']}, `training/edits.py`, applied to each frame) flickers "
-            f"{per_clip}: what an editor that drew every frame's target would score.\n"
+            f"{per_clip}: what an editor that drew every frame's target would score. Off-target change "
+            "(`off_target_change`): mean |ΔO − ΔT| / mean |ΔI|, the output's frame-to-frame change that the exact "
+            "edit's own change T_t − T_{t−1} does not explain; 0 for that editor. Flicker also counts an output "
+            "that follows the scene's motion; this does not.\n"
         )
+    off = bool(reference)  # the off-target column exists when the prompt has an exact edit
     baseline = data["summary"]["all off"]["flicker_mean"]
     rows = []
     for name, s in data["summary"].items():
@@ -129,6 +145,7 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             [
                 name,
                 f"{s['flicker_mean']:.4g}",
+                *([f"{s['off_target_mean']:.4g}"] if off else []),
                 f"{s['flicker_mean'] / baseline:.4g}" if baseline > 0 else "n/a",
                 f"{s['unet_calls']}/{s['frames']}",
                 f"{s['unet_calls_per_video_s']:.1f}",
@@ -142,6 +159,7 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             [
                 "mechanism",
                 "flicker",
+                *(["off-target change"] if off else []),
                 "vs all off",
                 "UNet calls / frames",
                 "UNet calls per video s",
@@ -158,6 +176,7 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             r["clip"],
             r["mechanism"],
             f"{r['flicker']:.4g}",
+            *([f"{r['off_target_change']:.4g}"] if off else []),
             f"{r['input_step_change']:.2f}",
             f"{r['output_step_change']:.3g}",
             f"{r['unet_calls']}/{r['frames']}",
@@ -173,6 +192,7 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
                 "clip",
                 "mechanism",
                 "flicker",
+                *(["off-target change"] if off else []),
                 "mean abs ΔI",
                 "mean abs ΔO",
                 "UNet calls / frames",
@@ -226,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     for clip in args.clips:
         frames, fps = load_frames(args.media / clip, args.frames, args.stride, editor.resolution)
         video_s = len(frames) * args.stride / fps
-        if edit is not None:
-            exact[clip] = flicker(frames, apply_edit(edit, frames))
+        targets = None if edit is None else apply_edit(edit, frames)
+        if targets is not None:
+            exact[clip] = flicker(frames, targets)
         for name, switches in MECHANISMS.items():
             params = base.model_copy(update={"prompt": args.prompt, **switches})
             outputs, calls, skipped, seconds = run_clip(editor, frames, params, context)
@@ -238,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     "frames": len(frames),
                     "fps": fps,
                     "flicker": flicker(frames, outputs),
+                    "off_target_change": None if targets is None else off_target_change(frames, outputs, targets),
                     "input_step_change": mean_step_change(frames),
                     "output_step_change": mean_step_change(outputs),
                     "unet_calls": calls,
@@ -259,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(r["seconds"] for r in mine)
         summary[name] = {
             "flicker_mean": statistics.mean(r["flicker"] for r in mine),
+            "off_target_mean": None if edit is None else statistics.mean(r["off_target_change"] for r in mine),
             "unet_calls": calls,
             "frames": frames_n,
             "unet_calls_per_video_s": statistics.mean(r["unet_calls_per_video_s"] for r in mine),
