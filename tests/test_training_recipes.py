@@ -574,8 +574,17 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     assert f"{pixel_row} 9 × 4 |" in skip_card and skip_row in skip_card
     assert skip_card.index(pixel_row) < skip_card.index(skip_row)
     assert "its decoder with a frame skip)" in skip_card and "reads the camera frame" in skip_card
+    assert "removed" not in skip_card
+    # One that removed a decoder block says so in its row and its line.
+    pruned = tmp_path / "run" / "pixel_pruned"
+    pruned.mkdir()
+    (pruned / "config.json").write_text(json.dumps({**ran, "output_dir": str(pruned), "drop_decoder_blocks": [13]}))
+    pruned_card = model_card(["--config", str(evaluate_config)]).read_text()
+    pruned_row = "| pixel_pruned (decoder with a frame skip, 1 residual block removed) | training/configs/v8_pixel"
+    assert pruned_row in pruned_card and "Decoder layers [13] (residual blocks" in pruned_card
     shutil.rmtree(pixel)
     shutil.rmtree(decoder)
+    shutil.rmtree(pruned)
     assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
     assert "Not evaluated yet" in card and "gain less than" not in card
     # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.

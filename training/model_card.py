@@ -81,7 +81,11 @@ DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
 
 #: The pixel-space fine-tunes' folders beside the other stages, in the order they ran, and the configs that made the
 #: shipped ones: v6 tuned the UNet and contexts, v7 then gave the decoder its frame skip.
-PIXEL_STAGES = (("pixel_finetune", "v6_pixel_finetune.yaml"), ("pixel_decoder", "v7_pixel_decoder.yaml"))
+PIXEL_STAGES = (
+    ("pixel_finetune", "v6_pixel_finetune.yaml"),
+    ("pixel_decoder", "v7_pixel_decoder.yaml"),
+    ("pixel_pruned", "v8_pixel_pruned.yaml"),
+)
 
 
 def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
@@ -96,7 +100,11 @@ def tuned_parts(stage: PixelFinetuneConfig) -> list[str]:
     if stage.context_lr > 0:
         parts.append("edit contexts")
     if stage.decoder_lr > 0:
-        parts.append("decoder with a frame skip" if stage.frame_skip else "decoder")
+        decoder = "decoder with a frame skip" if stage.frame_skip else "decoder"
+        if stage.drop_decoder_blocks:
+            removed = len(stage.drop_decoder_blocks)
+            decoder += f", {removed} residual block{'s' if removed > 1 else ''} removed"
+        parts.append(decoder)
     return parts
 
 
@@ -116,6 +124,11 @@ def _pixel_line(stage: PixelFinetuneConfig) -> str:
         if stage.frame_skip
         else ""
     )
+    if stage.drop_decoder_blocks:
+        skip += (
+            f" Decoder layers {stage.drop_decoder_blocks} (residual blocks, training/decoder_blocks.py) were removed "
+            "before it, to buy back the frame cost of what the stage adds."
+        )
     kept = ""
     if stage.preserve_share > 0:
         kept = ", keeping its own output at other guidance scales"
