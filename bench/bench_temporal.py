@@ -75,16 +75,15 @@ def mean_step_change(frames: list[np.ndarray]) -> float:
     return float(np.mean(steps))
 
 
-def off_target_change(frames: list[np.ndarray], outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    """mean |ΔO − ΔT| / mean |ΔI|: the output's frame-to-frame change that the exact edit's own change does not
-    explain, relative to the camera's. Flicker counts an output that follows the scene's motion as unsteady; this
-    does not (an editor that drew every frame's target scores 0)."""
-    steps = [
-        np.abs((o1.astype(np.float32) - o0.astype(np.float32)) - (t1.astype(np.float32) - t0.astype(np.float32)))
-        for o0, o1, t0, t1 in zip(outputs, outputs[1:], targets, targets[1:], strict=False)
-    ]
-    camera = mean_step_change(frames)
-    return float(np.mean([step.mean() for step in steps])) / camera if camera > 0 else 0.0
+def off_target_change(outputs: list[np.ndarray], targets: list[np.ndarray], camera_change: float) -> float:
+    """mean |ΔO − ΔT| / mean |ΔI| (`camera_change`, `mean_step_change` of the input frames): the output's
+    frame-to-frame change that the exact edit's own change does not explain, relative to the camera's. Flicker counts
+    an output that follows the scene's motion as unsteady; this does not (an editor that drew every frame's target
+    scores 0)."""
+    steps = np.diff(np.stack(outputs).astype(np.float32), axis=0) - np.diff(
+        np.stack(targets).astype(np.float32), axis=0
+    )
+    return float(np.abs(steps).mean()) / camera_change if camera_change > 0 else 0.0
 
 
 def run_clip(
@@ -247,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         frames, fps = load_frames(args.media / clip, args.frames, args.stride, editor.resolution)
         video_s = len(frames) * args.stride / fps
         targets = None if edit is None else apply_edit(edit, frames)
+        camera_change = mean_step_change(frames)
         if targets is not None:
             exact[clip] = flicker(frames, targets)
         for name, switches in MECHANISMS.items():
@@ -259,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                     "frames": len(frames),
                     "fps": fps,
                     "flicker": flicker(frames, outputs),
-                    "off_target_change": None if targets is None else off_target_change(frames, outputs, targets),
-                    "input_step_change": mean_step_change(frames),
+                    "off_target_change": None
+                    if targets is None
+                    else off_target_change(outputs, targets, camera_change),
+                    "input_step_change": camera_change,
                     "output_step_change": mean_step_change(outputs),
                     "unet_calls": calls,
                     "skipped": skipped,

@@ -28,16 +28,17 @@ def decoder_block_levels(taesd: AutoencoderTiny) -> dict[int, int]:
 def without_decoder_blocks(taesd: AutoencoderTiny, drop: Sequence[int]) -> AutoencoderTiny:
     """A copy of `taesd` without the decoder blocks at these layer indices (`decoder_block_levels` lists them)."""
     levels = decoder_block_levels(taesd)
-    unknown = sorted(set(drop) - set(levels))
+    removed = set(drop)
+    unknown = sorted(removed - set(levels))
     if unknown:
         raise ValueError(f"decoder layers {unknown} are not residual blocks; the blocks are at {sorted(levels)}")
     counts = list(taesd.config.num_decoder_blocks)
-    for index in set(drop):
+    for index in removed:
         counts[levels[index]] -= 1
     config = {k: v for k, v in taesd.config.items() if not k.startswith("_")}
     pruned = AutoencoderTiny.from_config({**config, "num_decoder_blocks": tuple(counts)})
     pruned.encoder.load_state_dict(taesd.encoder.state_dict())
-    kept = [layer for i, layer in enumerate(taesd.decoder.layers) if i not in set(drop)]
+    kept = [layer for i, layer in enumerate(taesd.decoder.layers) if i not in removed]
     if len(kept) != len(pruned.decoder.layers):
         raise AssertionError("the pruned decoder's layout does not follow DecoderTiny's")  # a diffusers change
     for source, target in zip(kept, pruned.decoder.layers, strict=True):

@@ -80,7 +80,8 @@ DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
 
 
 #: The pixel-space fine-tunes' folders beside the other stages, in the order they ran, and the configs that made the
-#: shipped ones: v6 tuned the UNet and contexts, v7 then gave the decoder its frame skip.
+#: shipped ones: v6 tuned the UNet and contexts; then v7 gave the decoder a frame skip, or v8 (also from v6) a 1×1
+#: one and a block fewer.
 PIXEL_STAGES = (
     ("pixel_finetune", "v6_pixel_finetune.yaml"),
     ("pixel_decoder", "v7_pixel_decoder.yaml"),
@@ -117,7 +118,7 @@ def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig) -
 
 def _pixel_line(stage: PixelFinetuneConfig) -> str:
     parts = tuned_parts(stage)
-    skip = (
+    decoder = (
         " The frame skip (frame_skip/) adds the input frame, through one small convolution, to the decoder's "
         "full-resolution features: the decoder reads the camera frame as well as the edited latent, so structure "
         "the 4×32×32 latent cannot hold survives an edit that keeps it."
@@ -125,7 +126,7 @@ def _pixel_line(stage: PixelFinetuneConfig) -> str:
         else ""
     )
     if stage.drop_decoder_blocks:
-        skip += (
+        decoder += (
             f" Decoder layers {stage.drop_decoder_blocks} (residual blocks, training/decoder_blocks.py) were removed "
             "before it, to buy back the frame cost of what the stage adds."
         )
@@ -136,7 +137,7 @@ def _pixel_line(stage: PixelFinetuneConfig) -> str:
         kept += ", with pairs of text scales whose edit strength must rise with s_T"
     return (
         "- Then the one-step student was fine-tuned in pixel space towards the exact edits (training/pixel_finetune.py:"
-        f" its {' and '.join(parts)}){kept}.{skip}"
+        f" its {' and '.join(parts)}){kept}.{decoder}"
     )
 
 
