@@ -582,9 +582,21 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     pruned_card = model_card(["--config", str(evaluate_config)]).read_text()
     pruned_row = "| pixel_pruned (decoder with a frame skip, 1 residual block removed) | training/configs/v8_pixel"
     assert pruned_row in pruned_card and "Decoder layers [13] (residual blocks" in pruned_card
+    # A further pruning stage on that one gets its own row and line; the frame skip is explained once.
+    repruned = tmp_path / "run" / "pixel_repruned"
+    repruned.mkdir()
+    ran |= {"output_dir": str(repruned), "student": str(pruned / "final"), "drop_decoder_blocks": [12]}
+    (repruned / "config.json").write_text(json.dumps(ran))
+    repruned_card = model_card(["--config", str(evaluate_config)]).read_text()
+    repruned_row = "| pixel_repruned (decoder with a frame skip, 1 residual block removed) | training/configs/v9_pixel_"
+    assert pruned_row in repruned_card and repruned_row in repruned_card
+    assert repruned_card.index(pruned_row) < repruned_card.index(repruned_row)
+    assert "Decoder layers [13] (residual blocks" in repruned_card and "Decoder layers [12]" in repruned_card
+    assert repruned_card.count("reads the camera frame") == 1
     shutil.rmtree(pixel)
     shutil.rmtree(decoder)
     shutil.rmtree(pruned)
+    shutil.rmtree(repruned)
     assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
     assert "Not evaluated yet" in card and "gain less than" not in card
     # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.

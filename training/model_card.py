@@ -81,11 +81,12 @@ DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
 
 #: The pixel-space fine-tunes' folders beside the other stages, in the order they ran, and the configs that made the
 #: shipped ones: v6 tuned the UNet and contexts; then v7 gave the decoder a frame skip, or v8 (also from v6) a 1×1
-#: one and a block fewer.
+#: one and a block fewer; v9 took one more block out of v8's.
 PIXEL_STAGES = (
     ("pixel_finetune", "v6_pixel_finetune.yaml"),
     ("pixel_decoder", "v7_pixel_decoder.yaml"),
     ("pixel_pruned", "v8_pixel_pruned.yaml"),
+    ("pixel_repruned", "v9_pixel_repruned.yaml"),
 )
 
 
@@ -116,19 +117,20 @@ def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig) -
     )
 
 
-def _pixel_line(stage: PixelFinetuneConfig) -> str:
+def _pixel_line(stage: PixelFinetuneConfig, skip_described: bool) -> str:
+    """A stage's line under Architecture; the frame skip is explained by the first stage that has one."""
     parts = tuned_parts(stage)
     decoder = (
         " The frame skip (frame_skip/) adds the input frame, through one small convolution, to the decoder's "
         "full-resolution features: the decoder reads the camera frame as well as the edited latent, so structure "
         "the 4×32×32 latent cannot hold survives an edit that keeps it."
-        if stage.frame_skip
+        if stage.frame_skip and not skip_described
         else ""
     )
     if stage.drop_decoder_blocks:
         decoder += (
-            f" Decoder layers {stage.drop_decoder_blocks} (residual blocks, training/decoder_blocks.py) were removed "
-            "before it, to buy back the frame cost of what the stage adds."
+            f" Decoder layers {stage.drop_decoder_blocks} (residual blocks, training/decoder_blocks.py, in the layout "
+            "of the decoder it started from) were removed before it, to cut the decoder's frame cost."
         )
     kept = ""
     if stage.preserve_share > 0:
@@ -237,7 +239,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"{stages.guidance_distill.guidance_embedding_dim} each.",
         f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages.autoencoder.taesd.width} "
         "channels wide, 4 latent channels, trained here." + _decoder_note(decoder),
-        *(_pixel_line(stage) for _, _, stage in pixel),
+        *(_pixel_line(stage, any(s.frame_skip for _, _, s in pixel[:i])) for i, (_, _, stage) in enumerate(pixel)),
         f"- Prompt encoder: {_encoder_line(stages.adversarial_distill.prompts)}",
         "",
         "## Training (reproduce from the repository root)",
