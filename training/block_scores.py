@@ -25,7 +25,7 @@ from torch import nn
 from engines.autoencoder import TinyCodec
 from engines.model import EditorModel
 from training.data import DataConfig, load_split, validation_frames
-from training.decoder_blocks import decoder_block_levels
+from training.decoder_blocks import decoder_block_levels, require_blocks
 from training.edits import Edit, get_edits
 from training.evaluate import apply_edit, one_step_method, psnr
 
@@ -70,14 +70,21 @@ def without_block(taesd: AutoencoderTiny, layer: int) -> Iterator[None]:
         taesd.decoder.layers[layer] = kept
 
 
-def mean_one_step_psnr(model: EditorModel, frames: list[np.ndarray], edits: Sequence[Edit], seed: int = 0) -> float:
+def mean_one_step_psnr(
+    model: EditorModel,
+    frames: list[np.ndarray],
+    edits: Sequence[Edit],
+    targets: dict[str, list[np.ndarray]] | None = None,
+    seed: int = 0,
+) -> float:
     """The evaluation report's headline: each edit's one-step PSNR (first held-out phrasing, s_T = s_I = 1) over
-    the frames, averaged over the edits."""
+    the frames, averaged over the edits. `targets`: each edit's exact targets of the frames, when already made."""
     method = one_step_method(model, seed)
     per_edit = []
     for edit in edits:
         outputs = method.run(frames, edit.held_out[0], 1.0, 1.0)
-        per_edit.append(np.mean([psnr(o, t) for o, t in zip(outputs, apply_edit(edit, frames), strict=True)]))
+        exact = targets[edit.name] if targets is not None else apply_edit(edit, frames)
+        per_edit.append(np.mean([psnr(o, t) for o, t in zip(outputs, exact, strict=True)]))
     return float(np.mean(per_edit))
 
 
@@ -90,14 +97,13 @@ def score_blocks(
         raise ValueError("this model decodes with an AutoencoderKL; only a TAESD decoder's blocks are scored")
     costs = block_gflops(codec.taesd, frames[0].shape[0])
     chosen = list(costs) if layers is None else list(layers)
-    unknown = sorted(set(chosen) - set(costs))
-    if unknown:
-        raise ValueError(f"decoder layers {unknown} are not residual blocks; the blocks are at {sorted(costs)}")
-    full = mean_one_step_psnr(model, frames, edits)
+    require_blocks(decoder_block_levels(codec.taesd), chosen)
+    targets = {edit.name: apply_edit(edit, frames) for edit in edits}  # the same for every removed block
+    full = mean_one_step_psnr(model, frames, edits, targets)
     scores = []
     for layer in chosen:
         with without_block(codec.taesd, layer):
-            scores.append(BlockScore(layer, *costs[layer], mean_one_step_psnr(model, frames, edits)))
+            scores.append(BlockScore(layer, *costs[layer], mean_one_step_psnr(model, frames, edits, targets)))
     return full, scores
 
 

@@ -25,13 +25,18 @@ def decoder_block_levels(taesd: AutoencoderTiny) -> dict[int, int]:
     return levels
 
 
+def require_blocks(levels: dict[int, int], layers: Sequence[int]) -> None:
+    """Refuse, with a message, any of `layers` that is not a residual block of `levels` (`decoder_block_levels`)."""
+    unknown = sorted(set(layers) - set(levels))
+    if unknown:
+        raise ValueError(f"decoder layers {unknown} are not residual blocks; the blocks are at {sorted(levels)}")
+
+
 def without_decoder_blocks(taesd: AutoencoderTiny, drop: Sequence[int]) -> AutoencoderTiny:
     """A copy of `taesd` without the decoder blocks at these layer indices (`decoder_block_levels` lists them)."""
     levels = decoder_block_levels(taesd)
+    require_blocks(levels, drop)
     removed = set(drop)
-    unknown = sorted(removed - set(levels))
-    if unknown:
-        raise ValueError(f"decoder layers {unknown} are not residual blocks; the blocks are at {sorted(levels)}")
     counts = list(taesd.config.num_decoder_blocks)
     for index in removed:
         counts[levels[index]] -= 1
