@@ -47,13 +47,15 @@ def make_backend(model: EditorModel, spec: EngineSpec, resolution: int) -> Backe
 
 def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> Literal["fp32", "int8"]:
     """What `spec.precision` means for this model: 'auto' is int8 on ONNX Runtime's CPU provider with ranges made
-    for these weights at this size (where int8 was measured), else fp32; 'int8' without usable ranges is an error."""
+    for these weights at this size, on a CPU that computes them exactly (where int8 was measured), else fp32;
+    'int8' without usable ranges, or on a CPU that would saturate them, is an error."""
     if spec.precision == "fp32" or spec.backend != "onnxruntime":
         return "fp32"
-    from engines.quantize import QuantizationUnavailable, usable_record
+    from engines.quantize import QuantizationUnavailable, require_exact_int8, usable_record
 
     try:
         record = usable_record(model)
+        require_exact_int8(record)
     except QuantizationUnavailable as exc:
         if spec.precision == "int8":
             raise

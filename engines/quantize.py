@@ -72,6 +72,56 @@ class QuantizationRecipe(BaseModel):
 
     graphs: dict[str, GraphRecipe]
     per_channel: bool = True
+    reduce_range: bool = Field(
+        False,
+        description="Weights in 7 bits, so that a pair of uint8 × int8 products fits the 16-bit sums of x86 CPUs "
+        "without VNNI: exact on every CPU, at some precision (ONNX Runtime's advice for such CPUs).",
+    )
+
+
+# x86 flags of an instruction that sums uint8 × int8 products straight into 32 bits (ONNX Runtime's int8 kernels
+# use it where present). Without one, AVX2 and AVX-512 pair two products into a saturating 16-bit sum first, and
+# full-range int8 weights overflow it: on an AMD EPYC (AVX2 only) the shipped v9 lost 2.33 dB mean on the
+# held-out frames and painted 8×8 patches 81 levels off fp32 (a purple blot on an orange hoodie under "black and
+# white"); the same ranges had cost 0.15 dB on the Intel machines that gated them (training/report/int8.md).
+EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+def int8_saturation(machine: str, cpu_flags: frozenset[str] | None) -> str | None:
+    """Why this CPU's int8 kernels would saturate full-range int8 weights (None where they sum exactly).
+
+    `machine` is platform.machine(); `cpu_flags` the kernel's CPU flags, None where they cannot be read. Only x86
+    pairs products into 16 bits; an x86 CPU whose flags are unknown is taken to saturate, so unmeasured int8 never
+    runs by default.
+    """
+    if machine.lower() not in X86_MACHINES:
+        return None
+    if cpu_flags is None:
+        return "this x86 CPU's flags could not be read, so whether its int8 sums saturate is unknown"
+    if cpu_flags & EXACT_INT8_FLAGS:
+        return None
+    return "this x86 CPU has no VNNI, so its int8 kernels sum pairs of products in saturating 16 bits"
+
+
+def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU flags Linux reports (the first processor's), or None where there is no such file."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def this_cpu_saturates_int8() -> str | None:
+    """int8_saturation() of the machine this runs on."""
+    import platform
+
+    return int8_saturation(platform.machine(), read_cpu_flags())
 
 
 # Measured on the shipped default (training/report/int8.md): quantizing every op of the UNet lost the edit
@@ -150,6 +200,18 @@ def usable_record(model: EditorModel, ranges: Path | None = None) -> Quantizatio
     if missing:
         raise QuantizationUnavailable(f"{folder} lacks {', '.join(missing)}; {fix}")
     return record
+
+
+def require_exact_int8(record: QuantizationRecord) -> None:
+    """QuantizationUnavailable where this CPU would saturate the record's full-range int8 weights."""
+    if record.recipe.reduce_range:
+        return
+    reason = this_cpu_saturates_int8()
+    if reason is not None:
+        raise QuantizationUnavailable(
+            f"{reason}: full-range int8 weights lose the edit there (training/report/int8_avx2/); "
+            "calibrate 7-bit weights with `python -m training.quantize --reduce-range`"
+        )
 
 
 def int8_graphs(
@@ -312,6 +374,7 @@ def _quantize_graph(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=part.op_types,
             nodes_to_exclude=exclude,

@@ -28,8 +28,11 @@ from engines.quantize import (
     QuantizationUnavailable,
     calibrate,
     int8_graphs,
+    int8_saturation,
     ranges_name,
+    read_cpu_flags,
     read_record,
+    this_cpu_saturates_int8,
     usable_record,
 )
 from engines.temporal import StreamState
@@ -150,12 +153,51 @@ def test_ranges_that_name_other_tensors_are_refused(folder: Path, model: EditorM
 
 
 def test_auto_precision_takes_int8_only_where_it_was_measured(model: EditorModel, folder: Path) -> None:
-    assert resolve_precision(model, EngineSpec(weights=folder), TINY_IMAGE) == "int8"
+    # Full-range int8 weights only where this CPU sums them exactly (the next tests cover the other CPUs).
+    exact = this_cpu_saturates_int8() is None
+    assert resolve_precision(model, EngineSpec(weights=folder), TINY_IMAGE) == ("int8" if exact else "fp32")
     assert resolve_precision(model, EngineSpec(weights=folder, precision="fp32"), TINY_IMAGE) == "fp32"
     assert resolve_precision(model, EngineSpec(weights=folder, backend="torch"), TINY_IMAGE) == "fp32"
     assert resolve_precision(model, EngineSpec(weights=folder), 2 * TINY_IMAGE) == "fp32"  # not its size
     with pytest.raises(ValueError, match="int8 needs the onnxruntime backend"):
         EngineSpec(backend="torch", precision="int8")
+
+
+def test_seven_bit_weights_run_int8_on_every_cpu_and_full_range_ones_are_refused_where_they_saturate(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    folder = make_tiny_student_folder(tmp_path / "student")
+    model = EditorModel.from_pretrained(folder)
+    seven_bit = DEFAULT_RECIPE.model_copy(update={"reduce_range": True})
+    calibrate(model, random_frames(4, seed=2), EDITS, folder / INT8_FOLDER, recipe=seven_bit, cache_dir=cache_dir)
+    assert resolve_precision(model, EngineSpec(weights=folder), TINY_IMAGE) == "int8"
+    assert resolve_precision(model, EngineSpec(weights=folder, precision="int8"), TINY_IMAGE) == "int8"
+    assert resolve_precision(model, EngineSpec(weights=folder), 2 * TINY_IMAGE) == "fp32"  # not its size
+    graph = onnx.load(str(int8_graphs(model, TINY_IMAGE, cache_dir).path("unet"))).graph
+    weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64  # 7 bits, not 127
+
+    calibrate(model, random_frames(4, seed=2), EDITS, folder / INT8_FOLDER, cache_dir=cache_dir)  # 8-bit weights
+    reason = this_cpu_saturates_int8()
+    if reason is None:
+        assert resolve_precision(model, EngineSpec(weights=folder, precision="int8"), TINY_IMAGE) == "int8"
+    else:
+        assert resolve_precision(model, EngineSpec(weights=folder), TINY_IMAGE) == "fp32"
+        with pytest.raises(QuantizationUnavailable, match="VNNI.*--reduce-range"):
+            resolve_precision(model, EngineSpec(weights=folder, precision="int8"), TINY_IMAGE)
+
+
+def test_int8_saturation_is_read_off_the_cpu_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n")
+    flags = read_cpu_flags(cpuinfo)
+    assert flags == frozenset({"fpu", "sse2", "avx", "avx2", "fma"})
+    assert "no VNNI" in (int8_saturation("x86_64", flags) or "")
+    assert int8_saturation("x86_64", flags | {"avx512_vnni"}) is None
+    assert int8_saturation("x86_64", flags | {"avx_vnni"}) is None
+    assert "unknown" in (int8_saturation("AMD64", None) or "")
+    assert int8_saturation("aarch64", None) is None  # ONNX Runtime's 16-bit pairing is x86's alone
+    assert read_cpu_flags(tmp_path / "absent") is None
 
 
 def test_a_folder_without_ranges_runs_fp32_or_says_how_to_make_them(tmp_path: Path) -> None:
