@@ -104,17 +104,23 @@ def int8_saturation(machine: str, cpu_flags: frozenset[str] | None) -> str | Non
     return "this x86 CPU has no VNNI, so its int8 kernels sum pairs of products in saturating 16 bits"
 
 
-def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
-    """The CPU flags Linux reports (the first processor's), or None where there is no such file."""
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """One field of the first processor Linux describes ('flags', 'model name'), or None where there is none."""
     try:
         text = cpuinfo.read_text()
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
+        if key.strip() == name:
+            return value.strip()
     return None
+
+
+def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU flags Linux reports, or None where it reports none."""
+    flags = cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else frozenset(flags.split())
 
 
 def this_cpu_saturates_int8() -> str | None:

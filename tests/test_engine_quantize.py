@@ -27,6 +27,7 @@ from engines.quantize import (
     RECORD_NAME,
     QuantizationUnavailable,
     calibrate,
+    cpuinfo_field,
     int8_graphs,
     int8_saturation,
     ranges_name,
@@ -191,6 +192,7 @@ def test_int8_saturation_is_read_off_the_cpu_flags(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n")
     flags = read_cpu_flags(cpuinfo)
+    assert cpuinfo_field("model name", cpuinfo) == "AMD EPYC"
     assert flags == frozenset({"fpu", "sse2", "avx", "avx2", "fma"})
     assert "no VNNI" in (int8_saturation("x86_64", flags) or "")
     assert int8_saturation("x86_64", flags | {"avx512_vnni"}) is None

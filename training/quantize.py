@@ -27,7 +27,14 @@ from engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engines.export import GRAPH_NAMES
 from engines.model import DEFAULT_MODEL_DIR, INT8_FOLDER, EditorModel
 from engines.params import EditParams
-from engines.quantize import DEFAULT_RECIPE, RECORD_NAME, calibrate, ranges_name, this_cpu_saturates_int8
+from engines.quantize import (
+    DEFAULT_RECIPE,
+    RECORD_NAME,
+    calibrate,
+    cpuinfo_field,
+    ranges_name,
+    this_cpu_saturates_int8,
+)
 from training.config import load_config
 from training.data import MEDIA_ATTRIBUTION, load_split, service_view, validation_frames
 from training.edits import get_edits
@@ -129,17 +136,10 @@ def gate(
 
 
 def cpu_name() -> str:
-    """The CPU's model name as Linux reports it (the gate's figures hold for CPUs whose int8 kernels sum alike)."""
+    """The CPU's model name (the gate's figures hold for CPUs whose int8 kernels sum alike)."""
     import platform
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def render(result: dict, record: dict, command: str, kept: bool, bar: float, patch_bar: float) -> str:  # type: ignore[type-arg]
