@@ -70,6 +70,18 @@ def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> 
     return "int8"
 
 
+def check_int8(spec: EngineSpec) -> None:
+    """Before an engine loads: QuantizationUnavailable where `precision="int8"` will be refused (no ranges for
+    these weights, or a CPU that would saturate them), so a command line fails at once instead of an engine later."""
+    if spec.precision != "int8":
+        return
+    from engines.model import INT8_FOLDER, folder_fingerprint
+    from engines.quantize import record_for, require_exact_int8
+
+    folder = spec.model_folder()
+    require_exact_int8(record_for(folder / INT8_FOLDER, folder_fingerprint(folder, spec.taesd)))
+
+
 def load_editor(spec: EngineSpec, prompt_encoder: PromptEncoder | None = None) -> Editor:
     """Load the model the spec names and wrap it, with its backend and prompt cache, as an Editor.
 

@@ -187,7 +187,11 @@ def read_record(folder: Path) -> QuantizationRecord | None:
 
 def usable_record(model: EditorModel, ranges: Path | None = None) -> QuantizationRecord:
     """The record of ranges made for exactly these weights, or QuantizationUnavailable saying why not."""
-    folder = ranges or default_ranges_folder(model)
+    return record_for(ranges or default_ranges_folder(model), model.fingerprint)
+
+
+def record_for(folder: Path | None, fingerprint: str) -> QuantizationRecord:
+    """The record of the ranges in `folder` if they were made for the weights of `fingerprint` (no model loaded)."""
     fix = "calibrate them with `python -m training.quantize --weights <model folder>`"
     if folder is None:
         raise QuantizationUnavailable(f"the model was not loaded from a folder, so it has no int8 ranges; {fix}")
@@ -197,10 +201,10 @@ def usable_record(model: EditorModel, ranges: Path | None = None) -> Quantizatio
         raise QuantizationUnavailable(f"{folder / RECORD_NAME} is not a valid record ({exc}); {fix}") from exc
     if record is None:
         raise QuantizationUnavailable(f"{folder} holds no int8 ranges ({RECORD_NAME}); {fix}")
-    if record.fingerprint != model.fingerprint:
+    if record.fingerprint != fingerprint:
         raise QuantizationUnavailable(
             f"the int8 ranges in {folder} were calibrated for weights {record.fingerprint}, these are "
-            f"{model.fingerprint}; {fix}"
+            f"{fingerprint}; {fix}"
         )
     missing = [ranges_name(g) for g in GRAPH_NAMES if not (folder / ranges_name(g)).is_file()]
     if missing:

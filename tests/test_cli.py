@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,6 +42,22 @@ def test_int8_is_refused_off_onnxruntime() -> None:
     result = run("-m", "server", "--precision", "int8", "--backend", "torch")
     assert result.returncode == 2, result.stderr
     assert "precision int8 needs the onnxruntime backend" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_int8_that_cannot_run_is_refused_before_the_engine_starts(tmp_path: Path) -> None:
+    from engines.quantize import this_cpu_saturates_int8
+    from tests.test_engine_loading import make_tiny_student_folder
+
+    bare = make_tiny_student_folder(tmp_path / "student")  # weights without int8/ ranges
+    result = run("-m", "server", "--precision", "int8", "--weights", str(bare))
+    assert result.returncode == 2, result.stderr
+    assert "holds no int8 ranges" in result.stderr and "training.quantize" in result.stderr
+    assert "Traceback" not in result.stderr
+    if this_cpu_saturates_int8() is None:
+        return  # the shipped ranges run here; serving them is the other tests' business
+    result = run("-m", "server", "--precision", "int8")
+    assert result.returncode == 2, result.stderr
+    assert "VNNI" in result.stderr and "--reduce-range" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_command_is_an_error() -> None:
