@@ -189,6 +189,21 @@ def open_engine_client(
     return ProcessEngineClient(info, launcher.address, owned=launcher)
 
 
+def check_engine_spec(spec: EngineSpec) -> None:
+    """ValueError saying why, where the engine would refuse `spec` at load, found before any process starts: today
+    precision int8 without ranges for these weights or on a CPU that would saturate them (only then is torch
+    imported here)."""
+    if spec.precision != "int8":
+        return
+    from engines.loader import check_int8
+    from engines.quantize import QuantizationUnavailable
+
+    try:
+        check_int8(spec)
+    except QuantizationUnavailable as exc:
+        raise ValueError(f"precision int8: {exc}") from exc
+
+
 def launch_engine(spec: EngineSpec, slots: int, editor_factory: EditorFactory | None = None) -> EngineLauncher:
     """Start the engine process for several media workers (and keep one running); they connect to .address."""
     from engines.client_process import EngineLauncher
@@ -225,6 +240,7 @@ __all__ = [
     "RoutedCall",
     "RoutedReply",
     "StreamNotFound",
+    "check_engine_spec",
     "connect_engine",
     "launch_engine",
     "open_engine_client",

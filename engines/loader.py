@@ -72,7 +72,8 @@ def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> 
 
 def check_int8(spec: EngineSpec) -> None:
     """Before an engine loads: QuantizationUnavailable where `precision="int8"` will be refused (no ranges for
-    these weights, or a CPU that would saturate them), so a command line fails at once instead of an engine later."""
+    these weights, or a CPU that would saturate them), so a command line fails at once instead of an engine later
+    (engines.client.check_engine_spec is the server's door to it)."""
     if spec.precision != "int8":
         return
     from engines.model import INT8_FOLDER, folder_fingerprint

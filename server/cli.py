@@ -41,15 +41,13 @@ def serve(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"streamedit serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    if settings.precision == "int8":
-        from engines.loader import check_int8
-        from engines.quantize import QuantizationUnavailable
+    from engines.client import check_engine_spec
 
-        try:
-            check_int8(settings.engine_spec())
-        except QuantizationUnavailable as exc:
-            print(f"streamedit serve: precision int8: {exc}", file=sys.stderr)
-            return 2
+    try:
+        check_engine_spec(settings.engine_spec())
+    except ValueError as exc:
+        print(f"streamedit serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings, "main")
     layout = (
         f"engine process + {settings.media_workers} media worker{'s' if settings.media_workers > 1 else ''}"
