@@ -71,11 +71,9 @@ def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> 
 
 
 def check_int8(spec: EngineSpec) -> None:
-    """Before an engine loads: QuantizationUnavailable where `precision="int8"` will be refused (no ranges for
+    """Before an engine loads: QuantizationUnavailable where `precision="int8"` would be refused (no ranges for
     these weights, or a CPU that would saturate them), so a command line fails at once instead of an engine later
-    (engines.client.check_engine_spec is the server's door to it)."""
-    if spec.precision != "int8":
-        return
+    (engines.client.check_engine_spec, the server's door to it, asks only when the spec says int8)."""
     from engines.model import INT8_FOLDER, folder_fingerprint
     from engines.quantize import record_for, require_exact_int8
 
