@@ -66,6 +66,16 @@ def test_pooled_context_is_the_sentence_token_alone(
         MiniLMPromptEncoder(tokens=16, sentence_only=True)
 
 
+def test_a_pooled_context_does_not_depend_on_the_batch_it_was_encoded_in() -> None:
+    """Pooled prompts are padded to their batch's longest, not to 128 tokens: a prompt alone, beside a long one, or
+    beside short ones reads the same (what the route table holds must be what a PATCHed prompt is compared with)."""
+    pooled = MiniLMPromptEncoder(tokens=1, sentence_only=True)
+    long = "make it look like " + " and ".join(["a faded old photograph"] * 20)
+    alone = torch.cat([pooled.encode([p]) for p in PROMPTS])
+    torch.testing.assert_close(pooled.encode(PROMPTS), alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled.encode([*PROMPTS, long])[:4], alone, atol=1e-5, rtol=0)
+
+
 def test_editor_config_chooses_the_pooled_context() -> None:
     config = EditorConfig(prompt_encoder="minilm-pooled", max_prompt_tokens=1)
     encoder = load_prompt_encoder(config, Path("unused-by-minilm"))
