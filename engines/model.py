@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 
 from engines.attention import use_one_token_cross_attention
 from engines.autoencoder import Codec, FrameSkip, KLCodec, TinyCodec
@@ -100,6 +103,23 @@ def load_schedule(folder: Path) -> NoiseSchedule:
         raise ModelFolderError(f"{path}: {exc}") from exc
 
 
+#: Every diffusers load: never a hub, and plain loading said out loud (accelerate is not a dependency; left unsaid,
+#: diffusers prints three lines of advice to install it on every load).
+LOAD_OPTIONS = {"local_files_only": True, "low_cpu_mem_usage": False}
+
+
+@contextlib.contextmanager
+def diffusers_errors_only() -> Iterator[None]:
+    """Quiet diffusers' warnings for one load: AutoencoderTiny registers `block_out_channels` into the config it
+    saves and then warns, on every load, that the key is unexpected."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def codec_folder(folder: Path, taesd: str | Path | None) -> Path:
     """Where the autoencoder is: `taesd`, else folder/taesd/, else folder/vae/; ModelFolderError if none."""
     candidates = [Path(taesd)] if taesd is not None else [folder / TAESD_FOLDER, folder / VAE_FOLDER]
@@ -117,9 +137,10 @@ def load_codec(folder: Path, taesd: str | Path | None, dtype: torch.dtype) -> Co
     class_name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderTiny")
     try:
         if class_name == "AutoencoderKL":
-            return KLCodec(AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval())
+            return KLCodec(AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, **LOAD_OPTIONS).eval())
         if class_name == "AutoencoderTiny":
-            tiny = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
+            with diffusers_errors_only():
+                tiny = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, **LOAD_OPTIONS).eval()
             # A frame skip was trained with the folder's own decoder: another TAESD (`taesd`) runs without it.
             return TinyCodec(tiny, load_frame_skip(folder, dtype) if taesd is None else None)
     except (OSError, ValueError) as exc:
@@ -133,7 +154,7 @@ def load_frame_skip(folder: Path, dtype: torch.dtype) -> FrameSkip | None:
     if not path.is_dir():
         return None
     require_part(path, "frame skip", DIFFUSERS_WEIGHT_NAMES)
-    return FrameSkip.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
+    return FrameSkip.from_pretrained(str(path), torch_dtype=dtype, **LOAD_OPTIONS).eval()
 
 
 @dataclass
@@ -169,7 +190,7 @@ class EditorModel:
             raise ModelFolderError(f"{folder}: invalid editor config: {exc}") from exc
         try:
             unet = UNet2DConditionModel.from_pretrained(
-                str(folder / UNET_FOLDER), torch_dtype=torch_dtype, local_files_only=True
+                str(folder / UNET_FOLDER), torch_dtype=torch_dtype, **LOAD_OPTIONS
             ).eval()
         except (OSError, ValueError) as exc:
             raise ModelFolderError(f"could not load the UNet from {folder / UNET_FOLDER}: {exc}") from exc

@@ -57,6 +57,9 @@ class MiniLMPromptEncoder(PromptEncoder):
         if sentence_only and tokens != 1:
             raise ValueError(f"a sentence-only context has 1 token, not {tokens}")
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a 103-tensor model loads in milliseconds: no bar in the log
 
         if model_dir is None:
             try:
