@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -66,6 +67,10 @@ QUICK_DEATH_S = 10.0
 
 def _engine_main(*args: Any) -> None:
     """The engine process's entry point; imported there, so the launching process never loads torch."""
+    # Ctrl-C reaches the terminal's whole process group. The launching process stops the engine itself, after the
+    # media workers have closed their sessions; an engine that died of the same SIGINT first would print a
+    # KeyboardInterrupt traceback and have every worker log it as lost.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from engines.core_process import run_engine
 
     run_engine(*args)

@@ -8,6 +8,7 @@ one that does, and admission counts every worker's sessions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -18,9 +19,11 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
 from engines.client import EngineAddress, connect_engine, launch_engine
@@ -44,10 +47,23 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class SupervisedServer(uvicorn.Server):
+    """uvicorn stopped by its supervisor alone (SIGTERM). Ctrl-C sends SIGINT to the terminal's whole process group;
+    the supervisor turns it into one orderly stop (workers close their sessions, then the engine), where a worker
+    that also obeyed it would hear two signals and re-raise the SIGINT as a KeyboardInterrupt traceback."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = signal.signal(signal.SIGTERM, self.handle_exit)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_media_worker(settings: Settings, address: EngineAddress, index: int) -> None:
     """A media worker process: the app on its own event loop, connected to the shared engine."""
-    import uvicorn
-
     from server.app import create_app
     from server.cli import configure_logging
 
@@ -58,7 +74,7 @@ def run_media_worker(settings: Settings, address: EngineAddress, index: int) -> 
     sock.listen(2048)
     config = uvicorn.Config(app, loop="asyncio", log_level=settings.log_level)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        SupervisedServer(config).run(sockets=[sock])
     finally:
         log.info("media worker %d exited", index)
 

@@ -239,12 +239,15 @@ async def test_fifty_sessions_opened_and_closed_leak_no_segment_process_or_descr
     assert child_processes() == set(), "the engine process outlived the server"
 
 
-async def test_serve_runs_the_engine_and_two_media_workers_on_one_port(clip_frames, tmp_path) -> None:
+async def test_serve_runs_the_engine_and_two_media_workers_on_one_port_and_ctrl_c_stops_them_cleanly(
+    clip_frames, tmp_path
+) -> None:
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
     command = [sys.executable, "-m", "streamedit.cli", "serve", "--port", str(port), "--media-workers", "2"]
     command += ["--backend", "torch", "--threads", "1", "--max-sessions", "4"]
-    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group, as a terminal gives it: Ctrl-C sends SIGINT to the whole group.
+    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     pin_loopback_candidates()
     try:
@@ -298,13 +301,19 @@ async def test_serve_runs_the_engine_and_two_media_workers_on_one_port(clip_fram
             for session in sessions.values():
                 await session.close(delete=False)
     finally:
-        server.send_signal(signal.SIGTERM)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C
         try:
-            server.wait(30)
+            code = server.wait(30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             raise
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "media worker 0" in text and "exited with code -9" in text, text[-3000:]
-    assert "supervisor exited" in text
+    # The workers close their sessions, then the engine stops: no traceback, no engine taken for lost.
+    assert code == 0 and "supervisor exited" in text, text[-3000:]
+    assert (
+        "Traceback" not in text
+        and "engine lost" not in text
+        and "starting another" not in text.replace("its sessions are gone; starting another", "")
+    ), text[-3000:]
