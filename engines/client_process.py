@@ -266,7 +266,7 @@ class ProcessEngineClient(EngineClient):
         self.incarnation = 0
         self.first_incarnation: int | None = None
         self.last_beat: m.Beat | None = None
-        self.last_beat_at = 0.0
+        self.last_heard_at = 0.0  # when the engine last said anything (a Beat, a Welcome, a Reply, ...)
         self._hello_sent_at = 0.0
         self._capacity = 0  # the engine's free slots at its last Beat, less what this worker took since
         self._streams: dict[str, _ShmStream] = {}
@@ -359,8 +359,12 @@ class ProcessEngineClient(EngineClient):
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
             self.send(m.Ping())
-            if self.welcomed and time.monotonic() - self.last_beat_at > BEAT_TIMEOUT_S:
+            if self.engine_silent(time.monotonic()):
                 self._lose_engine(f"no word from the engine for {BEAT_TIMEOUT_S:g} s")
+
+    def engine_silent(self, now: float) -> bool:
+        """Whether the engine that took this worker's streams has said nothing for BEAT_TIMEOUT_S."""
+        return self.welcomed and now - self.last_heard_at > BEAT_TIMEOUT_S
 
     def _send_hello(self) -> None:
         self._hello_sent_at = time.monotonic()
@@ -385,6 +389,9 @@ class ProcessEngineClient(EngineClient):
         self._calls.clear()
 
     def _handle(self, msg: msgspec.Struct) -> None:
+        # Any message is word from the engine. A restarted worker's Welcome can come before the engine's first Beat,
+        # and counting Beats alone took that worker's engine for silent since the epoch: "engine lost" at startup.
+        self.last_heard_at = time.monotonic()
         if isinstance(msg, m.Outcome):
             stream = self._streams.get(msg.session_id)
             if stream is not None:
@@ -404,7 +411,7 @@ class ProcessEngineClient(EngineClient):
             if future is not None and not future.done():
                 future.set_result(msg)
         elif isinstance(msg, m.Beat):
-            self.last_beat, self.last_beat_at = msg, time.monotonic()
+            self.last_beat = msg
             self._capacity = msg.capacity_left
             if self.first_incarnation is None and msg.ready:
                 self.first_incarnation = msg.incarnation

@@ -21,9 +21,15 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+import zmq
+import zmq.asyncio
 
-from engines.client import EngineSpec, connect_engine, launch_engine
+from engines import messages as m
+from engines.client import EngineAddress, EngineSpec, connect_engine, launch_engine
+from engines.client_process import BEAT_TIMEOUT_S, ProcessEngineClient
 from engines.frame_table import FrameTable
+from engines.params import EditParams
+from engines.spec import ModelInfo
 from loadtest.client import ClipTrack, EditSession, pin_loopback_candidates
 from server.app import create_app
 from server.settings import Settings
@@ -54,6 +60,35 @@ def test_output_frames_are_read_only_while_still_the_newest() -> None:
         assert table.read_output(1, 5) is None, "a superseded frame must not be read as if it were current"
         assert table.read_output(0, 5) is None, "slots are separate"
     finally:
+        table.close()
+
+
+async def test_a_welcome_before_the_first_beat_is_word_from_the_engine(tmp_path) -> None:
+    """A worker restarted next to a running engine can be welcomed before the engine's next Beat; it must not take
+    that engine for silent (it once did: 'engine lost' a moment after every such restart). A real DEALER client
+    and a bare ROUTER socket standing in for the engine."""
+    table = FrameTable.create(slots=1, resolution=64)
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+    info = ModelInfo(resolution=64, default_params=EditParams(), guidance_ranges={}, presets=[])
+    context = zmq.asyncio.Context()
+    engine = context.socket(zmq.ROUTER)
+    engine.bind(endpoint)
+    client = ProcessEngineClient(info, EngineAddress(endpoint, table.layout))
+    try:
+        await client.start()
+        # Its first message (a Hello, or a Ping: a Hello sent before the connection's handshake is dropped, and said
+        # again when a Beat shows it unanswered) names the worker; the Welcome goes back before any Beat.
+        identity, data = await asyncio.wait_for(engine.recv_multipart(), 10)
+        assert isinstance(m.to_engine.decode(data), m.Hello | m.Ping)
+        await engine.send_multipart([identity, m.encoder.encode(m.Welcome(incarnation=1))])
+        await wait_for(lambda: client.welcomed, 10, "the Welcome")
+        now = time.monotonic()
+        assert not client.engine_silent(now), "a Welcome is word from the engine"
+        assert client.engine_silent(now + BEAT_TIMEOUT_S + 1), "silence after it still counts"
+    finally:
+        await client.shutdown()
+        engine.close(0)
+        context.term()
         table.close()
 
 
