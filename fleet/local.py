@@ -8,6 +8,7 @@ clients that can only reach a TURN server. All of them are children of this proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -192,13 +193,17 @@ class LocalFleet:
         processes = [p for p in (self.nginx, self.coturn, *self.replicas.values()) if p is not None]
         for process in processes:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                # The group's leader alone: a replica's supervisor stops its media workers (closing their sessions)
+                # and then its engine, where a SIGTERM to the whole group had the engine die under the workers.
+                process.send_signal(signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(20)
             except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):  # whatever of its group outlived it
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
+            process.wait(5)
         if self._own_workdir and self.log_dir != self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -118,6 +118,10 @@ def test_the_fleet_command_starts_from_one_line_and_stops_everything_on_sigterm(
     for url in (f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{replica_port}/healthz"):
         with pytest.raises(httpx.ConnectError):
             httpx.get(url, timeout=2)
+    # The replica stopped in order (media worker, then engine): its log names no error and holds no traceback.
+    replica_log = (tmp_path / "streamedit-0.log").read_text()
+    assert "supervisor exited" in replica_log, replica_log[-3000:]
+    assert " ERROR " not in replica_log and "Traceback" not in replica_log, replica_log[-3000:]
 
 
 def test_the_fleet_command_refuses_bad_arguments_with_a_message() -> None:
