@@ -291,7 +291,7 @@ class ProcessEngineClient(EngineClient):
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.address.endpoint)
         self._sock, self._monitor = sock, monitor
         for name, coro in (("reader", self._read(sock)), ("monitor", self._watch(monitor)), ("pinger", self._ping())):
@@ -348,7 +348,9 @@ class ProcessEngineClient(EngineClient):
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
             event = await recv_monitor_message(monitor)
-            if event["event"] == zmq.EVENT_CONNECTED:
+            # Not EVENT_CONNECTED: with IMMEDIATE a message sent before the handshake is done is dropped, and a
+            # Hello lost so waited for the engine's next Beat to be said again (a second or more of 503s).
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 self._send_hello()
             elif event["event"] == zmq.EVENT_DISCONNECTED:

@@ -63,6 +63,36 @@ def test_output_frames_are_read_only_while_still_the_newest() -> None:
         table.close()
 
 
+async def test_a_workers_hello_reaches_an_engine_that_has_not_beaten_yet(tmp_path) -> None:
+    """A worker says Hello once its connection can carry it, so an engine that sends no Beat (one still loading, or
+    one that just took another worker) hears it at once. Said on the bare connect, the Hello was dropped about half
+    of the time and waited for a Beat to be said again. Five workers in turn against a bare ROUTER."""
+    table = FrameTable.create(slots=1, resolution=64)
+    info = ModelInfo(resolution=64, default_params=EditParams(), guidance_ranges={}, presets=[])
+    context = zmq.asyncio.Context()
+    try:
+        for attempt in range(5):
+            endpoint = f"ipc://{tmp_path}/engine-{attempt}.sock"
+            engine = context.socket(zmq.ROUTER)
+            engine.bind(endpoint)
+            client = ProcessEngineClient(info, EngineAddress(endpoint, table.layout))
+            try:
+                await client.start()
+                deadline = time.monotonic() + 0.9  # under HELLO_REPEAT_S, and no Beat comes to prompt a repeat
+                heard = []
+                while not heard or not isinstance(heard[-1], m.Hello):
+                    left = deadline - time.monotonic()
+                    assert left > 0, f"worker {attempt}: no Hello within 0.9 s, only {heard}"
+                    with contextlib.suppress(TimeoutError):
+                        heard.append(m.to_engine.decode((await asyncio.wait_for(engine.recv_multipart(), left))[1]))
+            finally:
+                await client.shutdown()
+                engine.close(0)
+    finally:
+        context.term()
+        table.close()
+
+
 async def test_a_welcome_before_the_first_beat_is_word_from_the_engine(tmp_path) -> None:
     """A worker restarted next to a running engine can be welcomed before the engine's next Beat; it must not take
     that engine for silent (it once did: 'engine lost' a moment after every such restart). A real DEALER client
