@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from engines.model import EditorModel, ModelFolderError
 from engines.routing import PHRASING_MEANS, RoutedPromptEncoder, RouteTable, edit_weights, sentence_embeddings
 from engines.text import MiniLMPromptEncoder
 from tests.test_engine_loading import make_tiny_pix2pix_folder, mobile_pix2pix_config, tiny_sd15_unet_config
+from training.budgeted_finetune import budgeted_steps
+from training.budgeted_finetune import main as budgeted_main
 from training.checkpoint import CHECKPOINT_DIR
 from training.edits import get_edits
 from training.loop import read_loss_log
@@ -270,6 +273,43 @@ def test_the_pixel_finetune_gives_the_decoder_a_frame_skip_and_trains_only_what_
     ).codec
     assert tuple(pruned.taesd.config.num_decoder_blocks) == (1, 1, 0, 1) and pruned.reads_frames
     assert len(pruned.taesd.decoder.layers) == len(again.taesd.decoder.layers) - 1
+
+
+def test_steady_rows_are_a_loss_and_a_budgeted_run_brings_back_only_what_it_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Steady rows log how far camera-like noise moves the output, and training on them (weight 100, nothing else)
+    moves it less; training.budgeted_finetune times the config, runs what its budget holds and packs the run's
+    config, loss log, decoder and frame skip, but not the unchanged UNet."""
+    folder = _pooled_folder(tmp_path / "model")
+    phrasings = tmp_path / "routing.json"
+    phrasings.write_text(json.dumps({"phrasings": {"sepia": ["brownish antique tint"]}}))
+    assert main(["--model", str(folder), "--phrasings", str(phrasings)]) == 0
+    with pytest.raises(ValueError, match="steady_rows .9. exceeds batch_size .4."):
+        _finetune_run(tmp_path / "too_many", folder, steady_rows=9)
+    steady = {"context_lr": 0.0, "decoder_lr": 0.01, "frame_skip": True, "steady_rows": 4, "steady_noise": 8.0}
+    only_steady = {**steady, "l1_weight": 0.0, "mse_weight": 0.0, "steady_weight": 100.0, "steps": 12}
+    train_pixel_finetune(_finetune_run(tmp_path / "steady", folder, **only_steady))
+    gaps = [r["steady"] for r in read_loss_log(tmp_path / "steady")]
+    assert len(gaps) == 12 and gaps[0] > 0
+    assert sum(gaps[-3:]) < 0.5 * sum(gaps[:3]), f"steadiness did not improve: {gaps}"
+
+    config = tmp_path / "budgeted.json"
+    config.write_text(_finetune_run(tmp_path / "budgeted", folder, **steady, steps=1000).model_dump_json())
+    args = ["--config", str(config), "--probe-steps", "3", "--round-to", "2", "--pack", str(tmp_path / "run.tar.gz")]
+    assert budgeted_main([*args, "--budget-s", "1e-6"]) == 2
+    assert "fewer than --round-to 2" in capsys.readouterr().err
+    assert budgeted_main([*args, "--budget-s", "3"]) == 0
+    ran = json.loads((tmp_path / "budgeted" / "config.json").read_text())
+    assert 2 <= ran["steps"] < 1000 and ran["steps"] % 2 == 0
+    assert not (tmp_path / "budgeted.timing").exists()
+    with tarfile.open(tmp_path / "run.tar.gz") as tar:
+        packed = set(tar.getnames())
+    assert {"config.json", "loss_log.jsonl"} <= packed
+    assert any(name.startswith("final/taesd/") for name in packed)
+    assert any(name.startswith("final/frame_skip/") for name in packed)
+    assert not any(name.startswith("final/unet/") for name in packed), packed
+    assert budgeted_steps(1000, 100.0, 0.1, 250) == 750 and budgeted_steps(500, 100.0, 0.1, 250) == 500
 
 
 def _finetune_run(output_dir: Path, student: Path, **fields: object) -> PixelFinetuneConfig:

@@ -15,6 +15,7 @@ from training.data import (
     DataConfig,
     SourceImage,
     load_split,
+    read_clip,
     service_view,
     validation_frames,
 )
@@ -110,6 +111,17 @@ def test_crops_are_seeded_augmented_and_in_range(small_split_config: DataConfig)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
     assert float(a.std(0).mean()) > 0.02  # six different crops, not one repeated
+
+
+def test_opencv_decodes_the_clips_to_pyavs_frames() -> None:
+    """The lent GPU machine's image has OpenCV but not PyAV; a run there must train on the frames a run here does."""
+    pytest.importorskip("cv2", reason="OpenCV is not a dependency here; the check runs where it is installed")
+    clip = DEFAULT_MEDIA_DIR / "asl_eat.mkv"
+    if not clip.is_file():
+        pytest.skip(f"shared clips not found at {DEFAULT_MEDIA_DIR}")
+    pyav, opencv = read_clip(clip, 40), read_clip(clip, 40, "opencv")
+    assert len(pyav) == len(opencv) == 40
+    assert all(np.array_equal(a, b) for a, b in zip(pyav, opencv, strict=True))
 
 
 def test_service_view_centre_crops_the_short_side() -> None:

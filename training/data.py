@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -94,6 +95,12 @@ class DataConfig(BaseModel):
     photos: list[str] = Field(default_factory=lambda: list(PHOTOS), description="Bundled photos (keys of PHOTOS).")
     clips: list[str] = Field(default_factory=lambda: list(DEFAULT_CLIPS), description="Clip files in media_dir.")
     max_frames_per_clip: int = Field(120, ge=1, description="Frames kept per clip, evenly spaced.")
+    video_reader: Literal["pyav", "opencv"] = Field(
+        "pyav",
+        description="What decodes the clips: PyAV (a dependency of the project) or OpenCV's FFmpeg, for a machine "
+        "that has OpenCV but not PyAV (the lent GPU machine's image). Both give the same RGB frames of the shared "
+        "clips (tests/test_training_data.py, where both are installed).",
+    )
     val_photos: list[str] = Field(default_factory=lambda: ["chelsea"], description="Photos held out entirely.")
     val_clips: list[str] = Field(default_factory=lambda: ["asl_help.mkv"], description="Clips held out entirely.")
     val_tail: float = Field(
@@ -139,8 +146,11 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image.astype(np.uint8))
 
 
-def read_clip(path: Path, max_frames: int) -> list[np.ndarray]:
-    """Up to `max_frames` evenly spaced RGB frames of a clip, decoded with PyAV (only those are converted)."""
+def read_clip(path: Path, max_frames: int, reader: Literal["pyav", "opencv"] = "pyav") -> list[np.ndarray]:
+    """Up to `max_frames` evenly spaced RGB frames of a clip, decoded with PyAV (only those are converted) or
+    OpenCV."""
+    if reader == "opencv":
+        return _read_clip_opencv(path, max_frames)
     import av
 
     with av.open(str(path)) as container:
@@ -150,6 +160,26 @@ def read_clip(path: Path, max_frames: int) -> list[np.ndarray]:
     keep = set(np.linspace(0, count - 1, min(max_frames, count)).round().astype(int).tolist())
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in keep]
+
+
+def _read_clip_opencv(path: Path, max_frames: int) -> list[np.ndarray]:
+    """read_clip's frames through OpenCV: every frame is decoded once and kept (the shared clips are small)."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
+    if not frames:
+        raise ValueError(f"{path} has no video frames (or OpenCV cannot decode it)")
+    keep = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    return [frames[i] for i in dict.fromkeys(keep.tolist())]
 
 
 @dataclass
@@ -171,7 +201,7 @@ def load_split(config: DataConfig) -> ImageSplit:
         path = config.media_dir / clip
         if not path.is_file():
             raise FileNotFoundError(f"clip {path} not found (set data.media_dir)")
-        frames = read_clip(path, config.max_frames_per_clip)
+        frames = read_clip(path, config.max_frames_per_clip, config.video_reader)
         held = len(frames) if clip in config.val_clips else int(round(len(frames) * config.val_tail))
         cut = len(frames) - held
         train += [SourceImage(f"{clip}#{i}", f, "clip") for i, f in enumerate(frames[:cut])]

@@ -92,6 +92,20 @@ class PixelFinetuneConfig(TrainConfig):
     order_step: float = Field(0.25, gt=0, description="The s_T gap of an ordered pair.")
     order_margin: float = Field(0.5, ge=0, description="Levels (0..255) the higher s_T must move the frame further.")
     order_weight: float = Field(1.0, ge=0, description="Weight of the ordered pairs' hinge loss.")
+    steady_rows: int = Field(
+        0,
+        ge=0,
+        description="Rows a batch also edits from a copy of their frame with camera-like noise added (same noise "
+        "draw, edit and scales): the mean |difference| of the two outputs is a loss, so the noise of a still scene "
+        "does not flicker through the decoder and its frame skip.",
+    )
+    steady_noise: float = Field(
+        2.0,
+        ge=0,
+        description="Largest standard deviation in levels (0..255) of a steady row's added noise; each row draws its "
+        "own in [0, steady_noise], half of it pixel-fine and half smooth over 8-pixel cells.",
+    )
+    steady_weight: float = Field(0.1, ge=0, description="Weight of the steadiness loss, per level of mean |change|.")
     l1_weight: float = Field(1.0, ge=0, description="Pixel L1.")
     mse_weight: float = Field(1.0, ge=0, description="Pixel MSE (what PSNR measures).")
     ssim_weight: float = Field(0.0, ge=0, description="1 − SSIM (the evaluation's, training.image_metrics): structure.")
@@ -103,6 +117,9 @@ class PixelFinetuneConfig(TrainConfig):
     def _pruned_decoder_is_trained(self) -> PixelFinetuneConfig:
         if self.drop_decoder_blocks and self.decoder_lr <= 0:
             raise ValueError("drop_decoder_blocks needs decoder_lr > 0: a pruned decoder must be trained and saved")
+        for name in ("order_rows", "steady_rows"):
+            if getattr(self, name) > self.batch_size:
+                raise ValueError(f"{name} ({getattr(self, name)}) exceeds batch_size ({self.batch_size})")
         return self
 
 
@@ -206,6 +223,29 @@ class PixelStep:
         strength = (decoded - frames).abs().mean(dim=(1, 2, 3)) * 127.5  # levels, as the report's
         return F.relu(strength[:n] - strength[n:] + c.order_margin).mean()
 
+    def _camera_noise(self, frames: torch.Tensor) -> torch.Tensor:
+        """Noise like a still camera's from one frame to the next, in [-1, 1] units: per row a standard deviation
+        drawn in [0, steady_noise] levels, split between a pixel-fine part and one smooth over 8-pixel cells (as
+        sensor noise and video coding's blocks are). Drawn from the stage's own generator, so a resumed run repeats
+        it."""
+        n, channels, h, w = frames.shape
+        sigma = torch.from_numpy(self.rng.uniform(0, self.config.steady_noise, (n, 1, 1, 1))).float() / 127.5
+        fine = torch.from_numpy(self.rng.standard_normal((n, channels, h, w))).float()
+        cells = torch.from_numpy(self.rng.standard_normal((n, channels, max(1, h // 8), max(1, w // 8)))).float()
+        smooth = F.interpolate(cells, size=(h, w), mode="bilinear", align_corners=False)
+        smooth = smooth / smooth.std().clamp_min(1e-6)  # interpolation shrinks the spread: back to unit
+        return (sigma * (fine + smooth) / 2**0.5).to(frames.device)
+
+    def _steady_gap(
+        self, x: torch.Tensor, x_t: torch.Tensor, decoded: torch.Tensor, context: torch.Tensor, scales: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean |output(frame + camera noise) − output(frame)| in levels, over the first rows of the batch."""
+        noisy = (x + self._camera_noise(x)).clamp(-1, 1)
+        with torch.no_grad():
+            z_noisy = self.parts.codec.encode(noisy) * self.editor.image_latent_scale
+        moved = self._decoded(self.parts.unet, self.parts.codec, x_t, z_noisy, noisy, context, scales)
+        return (moved - decoded).abs().mean() * 127.5
+
     def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         c, b = self.config, self.config.batch_size
         images = self.crops.sample(b)
@@ -257,6 +297,11 @@ class PixelStep:
             hinge = self._order_hinge(x[: c.order_rows], z_image[: c.order_rows], x_t[: c.order_rows], ids)
             loss = loss + c.order_weight * hinge
             logged["order"] = float(hinge.detach())
+        if c.steady_rows > 0:
+            k = c.steady_rows
+            gap = self._steady_gap(x[:k], x_t[:k], decoded[:k], self.parts.contexts[ids[:k]], scales[:k])
+            loss = loss + c.steady_weight * gap
+            logged["steady"] = float(gap.detach())
         if exact.any():  # the operating point's own fidelity, as the evaluation measures it (peak-to-peak 2)
             exact_mse = F.mse_loss(decoded.detach()[exact], y[exact])
             logged["psnr_exact"] = float(10 * torch.log10(4.0 / exact_mse.clamp_min(1e-10)))
