@@ -23,9 +23,9 @@ from PIL import Image
 from engines.editor import Editor, EditRequest
 from engines.loader import EngineSpec, default_params, load_editor
 from engines.params import EditParams
-from engines.temporal import StreamState, flicker
+from engines.temporal import MOTION_LEVELS, MOTION_WINDOW, StreamState, flicker, moving_pixels, region_flicker
 from training.edits import Edit, get_edits
-from training.evaluate import apply_edit
+from training.evaluate import apply_edit, psnr
 
 ATTRIBUTION = "Sample videos by Intel Corporation (intel-iot-devkit/sample-videos), CC BY 4.0"
 DEFAULT_CLIPS = ["asl_book.mkv", "asl_again.mkv", "person_walk.mp4"]
@@ -35,13 +35,26 @@ MEDIA = next(
     _HERE.parents[2] / "shared" / "media",
 )
 
-# Each mechanism alone, none, and all together; everything else at EditParams' defaults.
+# Each mechanism alone, none, fixed noise with the still hold (the service's default), and all together; the rest
+# at EditParams' defaults.
 MECHANISMS: dict[str, dict[str, Any]] = {
-    "all off": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": False},
-    "fixed noise": {"fixed_noise": True, "latent_feedback": 0.0, "similarity_skip": False},
-    "latent feedback 0.5": {"fixed_noise": False, "latent_feedback": 0.5, "similarity_skip": False},
-    "similarity skip": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": True},
-    "all on": {"fixed_noise": True, "latent_feedback": 0.5, "similarity_skip": True},
+    "all off": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": False, "hold_still": False},
+    "fixed noise": {"fixed_noise": True, "latent_feedback": 0.0, "similarity_skip": False, "hold_still": False},
+    "latent feedback 0.5": {
+        "fixed_noise": False,
+        "latent_feedback": 0.5,
+        "similarity_skip": False,
+        "hold_still": False,
+    },
+    "similarity skip": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": True, "hold_still": False},
+    "still hold": {"fixed_noise": False, "latent_feedback": 0.0, "similarity_skip": False, "hold_still": True},
+    "fixed noise + still hold": {
+        "fixed_noise": True,
+        "latent_feedback": 0.0,
+        "similarity_skip": False,
+        "hold_still": True,
+    },
+    "all on": {"fixed_noise": True, "latent_feedback": 0.5, "similarity_skip": True, "hold_still": True},
 }
 
 
@@ -124,7 +137,9 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
         "Flicker (`engines.temporal.flicker`): mean |O_t − O_{t−1}| / mean |I_t − I_{t−1}|; 1 = the output "
         "changes as much as the camera frame, lower is steadier. UNet calls per video second: UNet rows run / "
         "seconds of video covered. Mechanisms not named are off; the similarity skip uses the default threshold "
-        f"{EditParams().skip_threshold} and at most {EditParams().max_skipped_frames} skips in a row.\n"
+        f"{EditParams().skip_threshold} and at most {EditParams().max_skipped_frames} skips in a row; the still "
+        f"hold (`StreamState.hold_still`) redraws a pixel once the camera there has changed by "
+        f"{EditParams().hold_threshold:g} levels since it was drawn.\n"
     )
     reference = data.get("exact_edit")
     if reference:
@@ -134,8 +149,18 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             f"{per_clip}: what an editor that drew every frame's target would score. Off-target change "
             "(`off_target_change`): mean |ΔO − ΔT| / mean |ΔI|, the output's frame-to-frame change that the exact "
             "edit's own change T_t − T_{t−1} does not explain; 0 for that editor. Flicker also counts an output "
-            "that follows the scene's motion; this does not.\n"
+            "that follows the scene's motion; this does not. PSNR vs exact: each output frame against that frame's "
+            "exact edit, the report's measure, averaged over the clip.\n"
         )
+        regions = reference.get("regions") or {}
+        if regions:
+            split = ", ".join(f"{clip} {still:.3g} / {moving:.3g}" for clip, (still, moving) in regions.items())
+            parts.append(
+                f"Still / moving flicker (`region_flicker`): flicker within the pixels where the camera frame is "
+                f"still and within those where it moves (its change, averaged over {MOTION_WINDOW}×{MOTION_WINDOW} "
+                f"pixels and the channels, above {MOTION_LEVELS:g} levels). The still part is the shimmer of a steady "
+                f"scene; the moving part is how far the output follows the motion. The exact edit scores {split}.\n"
+            )
     off = bool(reference)  # the off-target column exists when the prompt has an exact edit
     baseline = data["summary"]["all off"]["flicker_mean"]
     rows = []
@@ -144,7 +169,9 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             [
                 name,
                 f"{s['flicker_mean']:.4g}",
-                *([f"{s['off_target_mean']:.4g}"] if off else []),
+                f"{s['still_flicker_mean']:.4g}",
+                f"{s['moving_flicker_mean']:.4g}",
+                *([f"{s['off_target_mean']:.4g}", f"{s['psnr_exact_mean']:.2f}"] if off else []),
                 f"{s['flicker_mean'] / baseline:.4g}" if baseline > 0 else "n/a",
                 f"{s['unet_calls']}/{s['frames']}",
                 f"{s['unet_calls_per_video_s']:.1f}",
@@ -158,7 +185,9 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             [
                 "mechanism",
                 "flicker",
-                *(["off-target change"] if off else []),
+                "still",
+                "moving",
+                *(["off-target change", "PSNR vs exact (dB)"] if off else []),
                 "vs all off",
                 "UNet calls / frames",
                 "UNet calls per video s",
@@ -175,8 +204,11 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
             r["clip"],
             r["mechanism"],
             f"{r['flicker']:.4g}",
-            *([f"{r['off_target_change']:.4g}"] if off else []),
+            f"{r['still_flicker']:.4g}",
+            f"{r['moving_flicker']:.4g}",
+            *([f"{r['off_target_change']:.4g}", f"{r['psnr_exact']:.2f}"] if off else []),
             f"{r['input_step_change']:.2f}",
+            f"{r['moving_share']:.3f}",
             f"{r['output_step_change']:.3g}",
             f"{r['unet_calls']}/{r['frames']}",
             str(r["skipped"]),
@@ -191,8 +223,11 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
                 "clip",
                 "mechanism",
                 "flicker",
-                *(["off-target change"] if off else []),
+                "still",
+                "moving",
+                *(["off-target change", "PSNR vs exact (dB)"] if off else []),
                 "mean abs ΔI",
+                "moving pixels",
                 "mean abs ΔO",
                 "UNet calls / frames",
                 "skipped",
@@ -242,16 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     edit = exact_edit(args.prompt)
     exact: dict[str, float] = {}
+    exact_regions: dict[str, tuple[float, float]] = {}
     for clip in args.clips:
         frames, fps = load_frames(args.media / clip, args.frames, args.stride, editor.resolution)
         video_s = len(frames) * args.stride / fps
         targets = None if edit is None else apply_edit(edit, frames)
         camera_change = mean_step_change(frames)
+        moving = moving_pixels(frames)
         if targets is not None:
             exact[clip] = flicker(frames, targets)
+            exact_regions[clip] = region_flicker(frames, targets, moving)
         for name, switches in MECHANISMS.items():
             params = base.model_copy(update={"prompt": args.prompt, **switches})
             outputs, calls, skipped, seconds = run_clip(editor, frames, params, context)
+            still, motion = region_flicker(frames, outputs, moving)
             runs.append(
                 {
                     "clip": clip,
@@ -259,9 +298,15 @@ def main(argv: list[str] | None = None) -> int:
                     "frames": len(frames),
                     "fps": fps,
                     "flicker": flicker(frames, outputs),
+                    "still_flicker": still,
+                    "moving_flicker": motion,
+                    "moving_share": float(moving.mean()),
                     "off_target_change": None
                     if targets is None
                     else off_target_change(outputs, targets, camera_change),
+                    "psnr_exact": None
+                    if targets is None
+                    else float(np.mean([psnr(o, t) for o, t in zip(outputs, targets, strict=True)])),
                     "input_step_change": camera_change,
                     "output_step_change": mean_step_change(outputs),
                     "unet_calls": calls,
@@ -283,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(r["seconds"] for r in mine)
         summary[name] = {
             "flicker_mean": statistics.mean(r["flicker"] for r in mine),
+            "still_flicker_mean": statistics.mean(r["still_flicker"] for r in mine),
+            "moving_flicker_mean": statistics.mean(r["moving_flicker"] for r in mine),
             "off_target_mean": None if edit is None else statistics.mean(r["off_target_change"] for r in mine),
+            "psnr_exact_mean": None if edit is None else statistics.mean(r["psnr_exact"] for r in mine),
             "unet_calls": calls,
             "frames": frames_n,
             "unet_calls_per_video_s": statistics.mean(r["unet_calls_per_video_s"] for r in mine),
@@ -309,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "mechanisms": MECHANISMS,
         "summary": summary,
         "runs": runs,
-        "exact_edit": None if edit is None else {"edit": edit.name, "flicker": exact},
+        "exact_edit": None if edit is None else {"edit": edit.name, "flicker": exact, "regions": exact_regions},
     }
     md, js = write_results(
         "temporal_cpu",

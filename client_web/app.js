@@ -31,10 +31,12 @@ const PARAMS = {
   image_guidance: { kind: 'range', debounceMs: 150 },
   latent_feedback: { kind: 'range', debounceMs: 150 },
   skip_threshold: { kind: 'range', debounceMs: 150 },
+  hold_threshold: { kind: 'range', debounceMs: 150 },
   seed: { kind: 'int', debounceMs: 0 },
   max_skipped_frames: { kind: 'int', debounceMs: 0 },
   fixed_noise: { kind: 'bool', debounceMs: 0 },
   similarity_skip: { kind: 'bool', debounceMs: 0 },
+  hold_still: { kind: 'bool', debounceMs: 0 },
 };
 
 const CONNECT_TIMEOUT_MS = 15000;

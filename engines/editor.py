@@ -11,7 +11,7 @@ from engines.backends.base import Backend
 from engines.config import EditorConfig
 from engines.params import EditParams
 from engines.sampling import NoiseSchedule, SamplerLane, sample, student_start
-from engines.temporal import StreamState
+from engines.temporal import StreamState, hold_still
 from engines.text import CachedPromptEncoder
 
 
@@ -51,8 +51,8 @@ class Editor:
     """The one-step student edit (the service's path), or the model's multi-step sampler: InstructPix2Pix's
     3-pass CFG when the model is not distilled, one guided pass a step when it is (config.steps > 1).
 
-    Temporal reuse happens here, per request: fixed noise, latent feedback and the similarity skip all
-    read and update the request's StreamState, so one batch can mix streams with different settings.
+    Temporal reuse happens here, per request: fixed noise, latent feedback, the similarity skip and the still
+    hold all read and update the request's StreamState, so one batch can mix streams with different settings.
     In the multi-step sampler, fixed noise pins every draw (start and the steps of an ancestral scheduler)
     to the seed, and latent feedback starts it, as img2img does, from the previous output noised to the
     first timestep (scheduler.add_noise).
@@ -122,7 +122,9 @@ class Editor:
             image_latents = latents[active]
             chosen = [requests[i] for i in active]
             x0 = self._student(image_latents, chosen) if self.one_step else self._sample(image_latents, chosen)
-            frames = tensor_to_frames(self.backend.decode(x0, images[active]))
+            decoded = self.backend.decode(x0, images[active])
+            decoded = hold_still([r.state for r in chosen], images[active], decoded, [r.params for r in chosen])
+            frames = tensor_to_frames(decoded)
             for j, i in enumerate(active):
                 requests[i].state.record_edit(image_latents[j], x0[j], frames[j], requests[i].params)
                 results[i] = EditResult(frames[j], skipped=False)

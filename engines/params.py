@@ -62,6 +62,18 @@ class EditParams(BaseModel):
         le=120,
         description="Most consecutive frames that may be skipped before one is edited again.",
     )
+    hold_still: bool = Field(
+        True,
+        description="Send the previous output's pixels where the camera has not changed since they were drawn "
+        "(a still scene stops shimmering); pixels where it moved are drawn fresh.",
+    )
+    hold_threshold: float = Field(
+        2.0,
+        ge=0.25,
+        le=32.0,
+        description="Levels (0-255) the camera must change, averaged over 9x9 pixels, for a pixel to be drawn fresh; "
+        "below half of it the held pixel stays, in between the two blend.",
+    )
 
     @field_validator("prompt")
     @classmethod

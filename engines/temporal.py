@@ -1,4 +1,4 @@
-"""Per-session temporal latent reuse (fixed noise, latent feedback, similarity skip) and a flicker measure."""
+"""Per-session temporal reuse (fixed noise, latent feedback, similarity skip, the still hold) and flicker measures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import numpy as np
 import torch
 
 from engines.params import EditParams
+
+#: Where the camera moves: its change, averaged over a MOTION_WINDOW² square and the channels, above MOTION_LEVELS
+#: (8-bit levels). Elsewhere what changes is the camera's noise and coding. The flicker measures split frames by it,
+#: and the still hold redraws a pixel by the same measure (with its own threshold).
+MOTION_LEVELS = 2.0
+MOTION_WINDOW = 9
 
 
 class StreamState:
@@ -23,6 +29,10 @@ class StreamState:
         self.last_output_frame: np.ndarray | None = None
         self.last_params: EditParams | None = None
         self.consecutive_skips = 0
+        # The still hold's memory (hold_still), float32 (3, H, W) in [-1, 1] on the editor's device: the image last
+        # sent, and the camera as it was when each pixel was drawn (a blend where a pixel was partly redrawn).
+        self.held_output: torch.Tensor | None = None
+        self.held_camera: torch.Tensor | None = None
 
     def noise(self, params: EditParams, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The starting noise for the next frame: drawn once from the seed when fixed, else fresh."""
@@ -79,6 +89,51 @@ class StreamState:
         self.consecutive_skips += 1
 
 
+def hold_still(
+    states: Sequence[StreamState], cameras: torch.Tensor, outputs: torch.Tensor, params: Sequence[EditParams]
+) -> torch.Tensor:
+    """The images to send for freshly edited frames of several streams, (B, 3, H, W) in [-1, 1] like `cameras` and
+    `outputs`: where a stream's camera has changed since a pixel was last drawn (averaged over MOTION_WINDOW²
+    pixels and the channels) by its hold_threshold levels or more, the fresh pixel; below half of that, the pixel
+    sent before; a blend in between. The change is measured from what each pixel saw when it was drawn, not from
+    the last frame, so a slow drift is redrawn once it adds up. A changed edit (any parameter), frame size or
+    device redraws every pixel. Batched on the editor's device (a GPU engine holds many streams); call it before
+    each stream's record_edit, which it reads last_params from."""
+    fresh, cams = outputs.float(), cameras.float()
+    holding: list[int] = []
+    memories: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, (state, asked) in enumerate(zip(states, params, strict=True)):
+        held, seen = state.held_output, state.held_camera
+        if (
+            asked.hold_still
+            and held is not None
+            and seen is not None
+            and held.shape == fresh.shape[1:]
+            and held.device == fresh.device
+            and asked == state.last_params
+        ):
+            holding.append(i)
+            memories.append((held, seen))
+        else:  # drawn fresh: the memory starts here (or is let go when the hold is off)
+            state.held_output = fresh[i].clone() if asked.hold_still else None
+            state.held_camera = cams[i].clone() if asked.hold_still else None
+    if not holding:
+        return outputs
+    held = torch.stack([m[0] for m in memories])
+    seen = torch.stack([m[1] for m in memories])
+    camera = cams[holding]
+    change = box_mean((camera - seen).abs_().mean(1) * 127.5, MOTION_WINDOW)  # levels, (N, H, W)
+    half = torch.tensor([params[i].hold_threshold / 2 for i in holding], device=change.device).view(-1, 1, 1)
+    redraw = ((change - half) / half).clamp_(0.0, 1.0)[:, None]
+    held.lerp_(fresh[holding], redraw)
+    seen.lerp_(camera, redraw)
+    sent = fresh.clone()
+    for j, i in enumerate(holding):
+        states[i].held_output, states[i].held_camera = held[j], seen[j]
+        sent[i] = held[j]
+    return sent
+
+
 def flicker(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
     """Weight-free temporal flicker: mean |O_t − O_{t−1}| / mean |I_t − I_{t−1}| over a clip.
 
@@ -93,3 +148,50 @@ def _mean_step_change(frames: Sequence[np.ndarray]) -> float:
     pairs = zip(frames, frames[1:], strict=False)
     steps = [np.abs(b.astype(np.float32) - a.astype(np.float32)).mean() for a, b in pairs]
     return float(np.mean(steps))
+
+
+def _pixel_steps(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """(T − 1, H, W): |F_t − F_{t−1}| per pixel, averaged over the channels, in 8-bit levels."""
+    return np.abs(np.diff(np.stack(frames).astype(np.float32), axis=0)).mean(-1)
+
+
+def _window_sums(values: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Sums of `values` over [i − radius, i + radius] along `dim`, cut at the ends: differences of a running sum,
+    so the cost does not grow with the window."""
+    n, axis = values.shape[dim], dim % values.ndim
+    running = values.cumsum(dim)
+
+    def edge(index: int, width: int) -> torch.Tensor:  # one slice of the running sum, repeated `width` times
+        return running.narrow(dim, index, 1).expand(*values.shape[:axis], width, *values.shape[axis + 1 :])
+
+    padded = torch.cat([torch.zeros_like(edge(0, radius + 1)), running, edge(n - 1, radius)], dim)
+    return padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)
+
+
+def box_mean(values: torch.Tensor, window: int) -> torch.Tensor:
+    """(..., H, W) float32: each value averaged over the window² square around it, cut at the borders (what
+    avg_pool2d without padded counts gives, at a fifth of its time for a 9×9 window)."""
+    radius = window // 2
+    wide = values.double()  # running sums of a whole frame need more than float32's 24 bits
+    sums = _window_sums(_window_sums(wide, radius, -1), radius, -2)
+    rows = _window_sums(wide.new_ones(values.shape[-2], 1), radius, 0)
+    columns = _window_sums(wide.new_ones(1, values.shape[-1]), radius, 1)
+    return (sums / (rows * columns)).float()
+
+
+def moving_pixels(inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """(T − 1, H, W) bool: the pixels of each camera frame step that move (MOTION_LEVELS, MOTION_WINDOW)."""
+    return (box_mean(torch.from_numpy(_pixel_steps(inputs)), MOTION_WINDOW) > MOTION_LEVELS).numpy()
+
+
+def region_flicker(
+    inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], moving: np.ndarray
+) -> tuple[float, float]:
+    """Flicker over the still pixels and over the moving ones: mean |ΔO| / mean |ΔI| within each region. The
+    still part is the shimmer a steady scene shows; the moving part is how far the output follows the motion."""
+    d_in, d_out = _pixel_steps(inputs), _pixel_steps(outputs)
+
+    def ratio(region: np.ndarray) -> float:
+        return float(d_out[region].mean() / d_in[region].mean()) if region.any() and d_in[region].any() else 0.0
+
+    return ratio(~moving), ratio(moving)
