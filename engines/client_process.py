@@ -63,6 +63,8 @@ WELCOME_WAIT_S = 2.0
 HELLO_REPEAT_S = 1.0
 #: an engine that dies sooner than this after starting is restarted after a growing pause
 QUICK_DEATH_S = 10.0
+#: how long closing waits for the Goodbye to leave (the engine then forgets this worker without a warning)
+GOODBYE_LINGER_MS = 200
 
 
 def _engine_main(*args: Any) -> None:
@@ -275,6 +277,7 @@ class ProcessEngineClient(EngineClient):
         self._call_ids = itertools.count(1)
         self._route_handler: RouteHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._shut_down = False
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -309,14 +312,19 @@ class ProcessEngineClient(EngineClient):
             log.info("engine client task %s exited", name)
 
     async def shutdown(self) -> None:
+        if self._shut_down:  # once: a second call must not close the frame table again
+            return
+        self._shut_down = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_calls("the service is shutting down")
         if self._sock is not None:
+            goodbye = self.send(m.Goodbye())
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disable_monitor()
-            self._sock.close(0)
+            # A moment to deliver the Goodbye (nothing is queued without a connected engine: IMMEDIATE).
+            self._sock.close(linger=GOODBYE_LINGER_MS if goodbye else 0)
         if self._monitor is not None:
             self._monitor.close(0)
         if self._ctx is not None:

@@ -144,8 +144,11 @@ class EngineServer:
             if not self.send(identity, beat):
                 self.forget_worker(identity)  # its connection is closed: the process is gone
 
-    def forget_worker(self, identity: bytes) -> None:
-        log.warning("media worker %r is gone: closing its %d streams", identity, self.owned_by(identity))
+    def forget_worker(self, identity: bytes, said_goodbye: bool = False) -> None:
+        if said_goodbye:  # a clean stop, which every Ctrl-C of the service makes
+            log.info("media worker %r stopped: closing its %d streams", identity, self.owned_by(identity))
+        else:
+            log.warning("media worker %r is gone: closing its %d streams", identity, self.owned_by(identity))
         self.workers.pop(identity, None)
         for session_id, stream in list(self.streams.items()):
             if stream.owner == identity:
@@ -169,6 +172,8 @@ class EngineServer:
             self.frame_ready(sender, msg)
         elif isinstance(msg, m.Ping):
             pass
+        elif isinstance(msg, m.Goodbye):
+            self.forget_worker(sender, said_goodbye=True)
         elif isinstance(msg, m.Hello):
             self.hello(sender, msg)
         elif isinstance(msg, m.Claim):

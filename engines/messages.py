@@ -1,7 +1,7 @@
 """The control messages between media workers and the engine process (msgspec structs over ZeroMQ).
 
 Only small typed messages travel here; pixels go through the FrameTable. Media worker → engine: Hello,
-Ping, Claim, Open, Update, Close, FrameReady, Route, RouteReply. Engine → media worker: Beat, Welcome, Reply,
+Ping, Claim, Open, Update, Close, FrameReady, Route, RouteReply, Goodbye. Engine → media worker: Beat, Welcome, Reply,
 Want, Outcome, Routed, Lost.
 """
 
@@ -29,6 +29,11 @@ class Claim(msgspec.Struct, tag=True):
 
 class Ping(msgspec.Struct, tag=True):
     """The media worker is alive (the engine frees a silent worker's slots)."""
+
+
+class Goodbye(msgspec.Struct, tag=True):
+    """The media worker is stopping on purpose: the engine closes its streams and forgets it without the warning
+    it gives a worker that vanished."""
 
 
 class Open(msgspec.Struct, tag=True):
@@ -130,7 +135,7 @@ class Lost(msgspec.Struct, tag=True):
     session_id: str
 
 
-ToEngine = Hello | Ping | Claim | Open | Update | Close | FrameReady | Route | RouteReply
+ToEngine = Hello | Ping | Claim | Open | Update | Close | FrameReady | Route | RouteReply | Goodbye
 ToWorker = Beat | Welcome | Reply | Want | Outcome | Routed | Lost
 
 encoder = msgspec.msgpack.Encoder()

@@ -98,6 +98,24 @@ async def test_a_workers_hello_reaches_an_engine_that_has_not_beaten_yet(tmp_pat
                     heard.append(m.to_engine.decode((await asyncio.wait_for(engine.recv_multipart(), left))[1]))
 
 
+async def test_a_worker_that_stops_says_goodbye(tmp_path) -> None:
+    """A media worker's clean stop tells the engine, which then forgets it at INFO, not with the warning it gives a
+    worker that vanished (every Ctrl-C of the service used to log one per worker)."""
+    heard: list[object] = []
+    async with worker_beside_a_bare_engine(f"ipc://{tmp_path}/engine.sock") as (client, engine):
+        identity, data = await asyncio.wait_for(engine.recv_multipart(), 10)
+        heard.append(m.to_engine.decode(data))
+        await engine.send_multipart([identity, m.encoder.encode(m.Welcome(incarnation=1))])
+        await wait_for(lambda: client.welcomed, 10, "the Welcome")
+        stopping = asyncio.ensure_future(client.shutdown())  # the context's own shutdown then does nothing
+        deadline = time.monotonic() + 5
+        while not any(isinstance(msg, m.Goodbye) for msg in heard):
+            assert time.monotonic() < deadline, f"no Goodbye, only {heard}"
+            with contextlib.suppress(TimeoutError):
+                heard.append(m.to_engine.decode((await asyncio.wait_for(engine.recv_multipart(), 1))[1]))
+        await stopping
+
+
 async def test_a_welcome_before_the_first_beat_is_word_from_the_engine(tmp_path) -> None:
     """A worker restarted next to a running engine can be welcomed before the engine's next Beat; it must not take
     that engine for silent (it once did: 'engine lost' a moment after every such restart)."""
@@ -370,3 +388,5 @@ async def test_serve_runs_the_engine_and_two_media_workers_on_one_port_and_ctrl_
     assert code == 0 and "supervisor exited" in text, text[-3000:]
     assert "Traceback" not in text and "engine lost" not in text, text[-3000:]
     assert not re.search(r"engine process \d+ \(pid \d+\) exited", text), "the engine died before it was stopped"
+    # The two workers alive at Ctrl-C said goodbye; only the killed one was taken for gone.
+    assert text.count("stopped: closing its") == 2 and text.count("is gone: closing its") <= 1, text[-3000:]
