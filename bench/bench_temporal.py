@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,19 +101,36 @@ def off_target_change(outputs: list[np.ndarray], targets: list[np.ndarray], came
     return float(np.abs(steps).mean()) / camera_change if camera_change > 0 else 0.0
 
 
+@dataclass
+class ClipRun:
+    """What one mechanism made of a clip: its outputs, UNet rows, skipped frames and seconds of editing."""
+
+    outputs: list[np.ndarray] = field(default_factory=list)
+    calls: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+
 def run_clip(
-    editor: Editor, frames: list[np.ndarray], params: EditParams, context: torch.Tensor
-) -> tuple[list[np.ndarray], int, int, float]:
-    """Edit a clip frame by frame as one session would; (outputs, UNet rows, skipped frames, seconds)."""
-    state = StreamState(params.seed)
-    outputs, skipped = [], 0
-    rows_before = editor.unet_rows
-    started = time.perf_counter()
+    editor: Editor, frames: list[np.ndarray], settings: dict[str, EditParams], context: torch.Tensor
+) -> dict[str, ClipRun]:
+    """Edit a clip frame by frame as one session per mechanism would, the mechanisms taking turns on each frame in
+    a fresh seeded order, so that their times are measured side by side on a noisy machine."""
+    states = {name: StreamState(params.seed) for name, params in settings.items()}
+    runs = {name: ClipRun() for name in settings}
+    order = list(settings)
+    shuffler = random.Random(0)
     for frame in frames:
-        result = editor.edit([EditRequest(frame, context, params, state)])[0]
-        outputs.append(result.frame)
-        skipped += result.skipped
-    return outputs, editor.unet_rows - rows_before, skipped, time.perf_counter() - started
+        shuffler.shuffle(order)
+        for name in order:
+            run, rows_before = runs[name], editor.unet_rows
+            started = time.perf_counter()
+            result = editor.edit([EditRequest(frame, context, settings[name], states[name])])[0]
+            run.seconds += time.perf_counter() - started
+            run.outputs.append(result.frame)
+            run.calls += editor.unet_rows - rows_before
+            run.skipped += result.skipped
+    return runs
 
 
 def exact_edit(prompt: str) -> Edit | None:
@@ -136,7 +155,8 @@ def report(machine: dict[str, Any], command: str, data: dict[str, Any]) -> str:
         f"s_I {data['image_guidance']}, seed {data['seed']}.\n\n"
         "Flicker (`engines.temporal.flicker`): mean |O_t − O_{t−1}| / mean |I_t − I_{t−1}|; 1 = the output "
         "changes as much as the camera frame, lower is steadier. UNet calls per video second: UNet rows run / "
-        "seconds of video covered. Mechanisms not named are off; the similarity skip uses the default threshold "
+        "seconds of video covered. The mechanisms take turns on every frame, in a fresh seeded order, so their times "
+        "are side by side. Mechanisms not named are off; the similarity skip uses the default threshold "
         f"{EditParams().skip_threshold} and at most {EditParams().max_skipped_frames} skips in a row; the still "
         f"hold (`StreamState.hold_still`) redraws a pixel once the camera there has changed by "
         f"{EditParams().hold_threshold:g} levels since it was drawn.\n"
@@ -287,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         if targets is not None:
             exact[clip] = flicker(frames, targets)
             exact_regions[clip] = region_flicker(frames, targets, moving)
-        for name, switches in MECHANISMS.items():
-            params = base.model_copy(update={"prompt": args.prompt, **switches})
-            outputs, calls, skipped, seconds = run_clip(editor, frames, params, context)
+        settings = {
+            name: base.model_copy(update={"prompt": args.prompt, **switches}) for name, switches in MECHANISMS.items()
+        }
+        for name, run in run_clip(editor, frames, settings, context).items():
+            outputs, calls, skipped, seconds = run.outputs, run.calls, run.skipped, run.seconds
             still, motion = region_flicker(frames, outputs, moving)
             runs.append(
                 {
