@@ -597,6 +597,33 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     shutil.rmtree(decoder)
     shutil.rmtree(pruned)
     shutil.rmtree(repruned)
+    # A stage that started from the shipped default descends from the stages shipped before it: those that ran on
+    # another machine are described by their committed configs, and v7's, a dead end, is left out.
+    for file in ("v5_funnel_decoder", "v6_pixel_finetune", "v7_pixel_decoder", "v8_pixel_pruned", "v9_pixel_repruned"):
+        shutil.copy(CONFIGS / f"{file}.yaml", configs)
+    steady = tmp_path / "run" / "pixel_steady"
+    steady.mkdir()
+    ran |= {"output_dir": str(steady), "student": "engines/default_model", "drop_decoder_blocks": []}
+    (steady / "config.json").write_text(json.dumps(ran | {"steady_rows": 2, "steady_noise": 2.0}))
+    steady_card = model_card(["--config", str(evaluate_config)]).read_text()
+    earlier = "| earlier run (committed config) |"
+    rows = [
+        f"| funnel_decoder | training/configs/v5_funnel_decoder.yaml | training/weights/autoencoder | 800 wide + 4000 "
+        f"funnelled × 16 {earlier}",
+        f"| pixel_finetune (UNet, edit contexts) | training/configs/v6_pixel_finetune.yaml | artifacts/v5/student | "
+        f"2500 × 16 {earlier}",
+        f"| pixel_pruned (decoder with a frame skip, 1 residual block removed) | training/configs/v8_pixel_pruned.yaml"
+        f" | artifacts/v6/pixel_finetune/final | 2000 × 16 {earlier}",
+        f"| pixel_repruned (decoder with a frame skip, 1 residual block removed) | training/configs/v9_pixel_repruned"
+        f".yaml | artifacts/v8/pixel_pruned/final | 2000 × 16 {earlier}",
+        "| pixel_steady (decoder with a frame skip) | training/configs/v10_pixel_steady.yaml | engines/default_model "
+        "| 5 × 2 | 0.00 |",
+    ]
+    assert all(row in steady_card for row in rows), steady_card
+    assert [steady_card.index(row) for row in rows] == sorted(steady_card.index(row) for row in rows)
+    assert "pixel_decoder" not in steady_card and "earlier run (committed config)" not in repruned_card
+    assert "copies of 2 frames a batch under camera-like noise (up to 2 levels) whose outputs must agree" in steady_card
+    shutil.rmtree(steady)
     assert "| negative | The photographic negative: every channel inverted. | make it a negative;" in card
     assert "Not evaluated yet" in card and "gain less than" not in card
     # Once evaluated, every edit below the 3 dB bar is listed among the limitations, and only those.

@@ -81,19 +81,55 @@ DECODER_CONFIG_FILE = "v5_funnel_decoder.yaml"
 
 #: The pixel-space fine-tunes' folders beside the other stages, in the order they ran, and the configs that made the
 #: shipped ones: v6 tuned the UNet and contexts; then v7 gave the decoder a frame skip, or v8 (also from v6) a 1×1
-#: one and a block fewer; v9 took one more block out of v8's.
+#: one and a block fewer; v9 took one more block out of v8's; v10 trained v9's decoder to hold still under camera noise.
 PIXEL_STAGES = (
     ("pixel_finetune", "v6_pixel_finetune.yaml"),
     ("pixel_decoder", "v7_pixel_decoder.yaml"),
     ("pixel_pruned", "v8_pixel_pruned.yaml"),
     ("pixel_repruned", "v9_pixel_repruned.yaml"),
+    ("pixel_steady", "v10_pixel_steady.yaml"),
 )
+
+
+#: What a stage's `student` says when it started from the default shipped at the time: the stage before it.
+SHIPPED_STUDENT = "engines/default_model"
 
 
 def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
     """What a pixel-space fine-tune ran (its saved config), when the model has one."""
     raw = ran_config(folder / FINAL_FOLDER)
     return None if raw is None else PixelFinetuneConfig.model_validate(raw)
+
+
+def pixel_lineage(root: Path, config_dir: Path) -> list[tuple[str, str, PixelFinetuneConfig]]:
+    """The pixel-space fine-tunes a model went through, oldest first: every one with a folder under `root`, and the
+    earlier ones the newest descends from.
+
+    A stage's parent is the stage whose final folder its `student` names, or, for a student of
+    engines/default_model, the stage shipped before it (PIXEL_STAGES runs in shipping order). A parent whose folder
+    is not under `root` (an earlier version's run, on another machine) is described by its committed config beside
+    the evaluate config, which names the student that run started from.
+    """
+    found: dict[int, PixelFinetuneConfig] = {}
+    finals: dict[str, int] = {}
+    for i, (name, file) in enumerate(PIXEL_STAGES):
+        if (stage := pixel_stage(root / name)) is not None:
+            found[i] = stage
+            finals[str(root / name / FINAL_FOLDER)] = i
+        if (config_dir / file).is_file():
+            finals.setdefault(str(Path(load_raw_config(config_dir / file)["output_dir"]) / FINAL_FOLDER), i)
+    index, visited = max(found, default=None), set()
+    while index is not None and index not in visited:
+        visited.add(index)
+        student = str(found[index].student).rstrip("/")
+        parent = index - 1 if student == SHIPPED_STUDENT and index > 0 else finals.get(str(Path(student)))
+        if parent is not None and parent not in found:
+            committed = config_dir / PIXEL_STAGES[parent][1]
+            if not committed.is_file():
+                break
+            found[parent] = PixelFinetuneConfig.model_validate(load_raw_config(committed))
+        index = parent
+    return [(*PIXEL_STAGES[i], found[i]) for i in sorted(found)]
 
 
 def tuned_parts(stage: PixelFinetuneConfig) -> list[str]:
@@ -111,9 +147,11 @@ def tuned_parts(stage: PixelFinetuneConfig) -> list[str]:
 
 
 def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig) -> str:
+    ran_here = pixel_stage(folder) is not None
+    hours = f"{training_hours(folder):.2f}" if ran_here else "earlier run (committed config)"
     return (
         f"| {name} ({', '.join(tuned_parts(stage))}) | training/configs/{file} | {stage.student} | "
-        f"{stage.steps} × {stage.batch_size} | {training_hours(folder):.2f} |"
+        f"{stage.steps} × {stage.batch_size} | {hours} |"
     )
 
 
@@ -137,6 +175,11 @@ def _pixel_line(stage: PixelFinetuneConfig, skip_described: bool) -> str:
         kept = ", keeping its own output at other guidance scales"
     if stage.order_rows > 0:
         kept += ", with pairs of text scales whose edit strength must rise with s_T"
+    if stage.steady_rows > 0:
+        kept += (
+            f", and with copies of {stage.steady_rows} frames a batch under camera-like noise (up to "
+            f"{stage.steady_noise:g} levels) whose outputs must agree, so still scenes flicker less"
+        )
     return (
         "- Then the one-step student was fine-tuned in pixel space towards the exact edits (training/pixel_finetune.py:"
         f" its {' and '.join(parts)}){kept}.{decoder}"
@@ -161,10 +204,12 @@ def _decoder_note(decoder: FunnelDecoderConfig | None) -> str:
 
 
 def _decoder_row(folder: Path, decoder: FunnelDecoderConfig) -> str:
+    ran_here = decoder_stage(folder) is not None
     hours = training_hours(folder / WIDE_FOLDER) + training_hours(folder / FUNNEL_FOLDER)
     return (
         f"| funnel_decoder | training/configs/{DECODER_CONFIG_FILE} | {decoder.init_from} | "
-        f"{decoder.wide_steps} wide + {decoder.steps} funnelled × {decoder.batch_size} | {hours:.2f} |"
+        f"{decoder.wide_steps} wide + {decoder.steps} funnelled × {decoder.batch_size} | "
+        f"{f'{hours:.2f}' if ran_here else 'earlier run (committed config)'} |"
     )
 
 
@@ -198,8 +243,12 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         stage_dirs[name] = root / name if (root / name).is_dir() else default_dir
     # What each stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
     stages = stage_configs(stage_dirs, config_dir)
+    pixel = pixel_lineage(root, config_dir)
     decoder = decoder_stage(root / DECODER_STAGE)
-    pixel = [(name, file, stage) for name, file in PIXEL_STAGES if (stage := pixel_stage(root / name)) is not None]
+    first_pixel = any(name == PIXEL_STAGES[0][0] for name, _, _ in pixel)
+    if decoder is None and first_pixel and (config_dir / DECODER_CONFIG_FILE).is_file():
+        # The first pixel fine-tune started from the funnelled decoder's student: an earlier run, by its config.
+        decoder = FunnelDecoderConfig.model_validate(load_raw_config(config_dir / DECODER_CONFIG_FILE))
     data = stages.teacher.data
     edits = get_edits(stages.teacher.edits)
     lines = [
