@@ -29,7 +29,7 @@ from training.autoencoder import AutoencoderConfig
 from training.autoencoder import train as train_autoencoder
 from training.batches import keep_first_token, mix_contexts
 from training.checkpoint import checkpoint_paths
-from training.config import UNetSpec
+from training.config import UNetSpec, load_raw_config
 from training.data import DEFAULT_MEDIA_DIR
 from training.discriminator import DiscriminatorHeads, FrozenUNetEncoder, r1_penalty
 from training.draws import row_weighted_mse, row_weights, sample_timesteps
@@ -45,6 +45,7 @@ from training.paraphrases import load_unseen_phrasings
 from training.probe import main as probe
 from training.prompts import HashPromptEncoder
 from training.ship_default import ship
+from training.stage_configs import STAGE_CONFIG_FILES, stage_configs
 from training.teacher import TeacherConfig, conditioning_dropout
 from training.teacher import train as train_teacher
 
@@ -636,6 +637,25 @@ def test_model_card_reports_what_each_stage_really_ran(stages: dict[str, Path], 
     card = model_card(["--config", str(evaluate_config)]).read_text()
     assert "these edits gain less than 3 dB over the input: negative (+2.50 dB)." in card
     assert "black_and_white (" not in card
+
+
+def test_stage_configs_fall_back_to_what_committed_weights_ran(tmp_path: Path) -> None:
+    # A machine without the stages' run folders still knows what made the committed weights: the stage_config.json
+    # they carry. A stage with no record anywhere shows its config file, and says it has no record.
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, file in STAGE_CONFIG_FILES:
+        (configs / file).write_text((CONFIGS / f"tiny_{name}.yaml").read_text())
+    committed = tmp_path / "weights"
+    (committed / "teacher").mkdir(parents=True)
+    ran = load_raw_config(CONFIGS / "tiny_teacher.yaml") | {"steps": 7, "batch_size": 3}
+    (committed / "teacher" / "stage_config.json").write_text(json.dumps(ran))
+    dirs = {name: tmp_path / "absent" / name for name, _ in STAGE_CONFIG_FILES}
+    found = stage_configs(dirs, configs, committed)
+    assert (found.teacher.steps, found.teacher.batch_size) == (7, 3)
+    assert found.recorded == {"teacher"}
+    assert found.guidance_distill.steps == load_raw_config(CONFIGS / "tiny_guidance_distill.yaml")["steps"]
+    assert stage_configs(dirs, configs).recorded == frozenset()
 
 
 def test_model_card_names_both_the_student_and_the_teacher_of_a_refreshed_distillation() -> None:

@@ -13,8 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from training.make_default import COMMITTED_WEIGHTS
-from training.models import COMMITTED_STAGE_CONFIG, FINAL_FOLDER, ran_config
+from training.models import COMMITTED_STAGE_CONFIG, COMMITTED_WEIGHTS, FINAL_FOLDER, ran_config
 
 COMMITTABLE = ("autoencoder", "teacher", "guidance_distill")
 

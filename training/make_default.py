@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import load_raw_config
-from training.models import FINAL_FOLDER
+from training.models import COMMITTED_WEIGHTS, FINAL_FOLDER
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)

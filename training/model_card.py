@@ -15,7 +15,7 @@ from training.evaluate import GAIN_BAR_DB
 from training.funnel_decoder import FUNNEL_FOLDER, WIDE_FOLDER, FunnelDecoderConfig
 from training.guidance_distill import GuidanceDistillConfig
 from training.loop import read_loss_log
-from training.models import FINAL_FOLDER, model_folder, ran_config
+from training.models import COMMITTED_WEIGHTS, FINAL_FOLDER, model_folder, ran_config
 from training.pixel_finetune import PixelFinetuneConfig
 from training.prompts import PromptSpec
 from training.stage_configs import STAGE_CONFIG_FILES, stage_configs
@@ -242,7 +242,7 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         default_dir = Path(load_raw_config(config_dir / file)["output_dir"])
         stage_dirs[name] = root / name if (root / name).is_dir() else default_dir
     # What each stage really ran; a stage taken from committed weights (make_default --start-from) carries it.
-    stages = stage_configs(stage_dirs, config_dir)
+    stages = stage_configs(stage_dirs, config_dir, COMMITTED_WEIGHTS)
     pixel = pixel_lineage(root, config_dir)
     decoder = decoder_stage(root / DECODER_STAGE)
     first_pixel = any(name == PIXEL_STAGES[0][0] for name, _, _ in pixel)
@@ -305,6 +305,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         cfg = stages.by_name(name)
         logged = (stage_dirs[name] / "loss_log.jsonl").is_file()
         hours = f"{training_hours(stage_dirs[name]):.2f}" if logged else "earlier run (committed weights)"
+        if name not in stages.recorded:
+            hours = "no record of the run here: the committed config's schedule (training/README.md has the run)"
         lines.append(
             f"| {name} | training/configs/{file} | {starts_from(name, cfg)} "
             f"| {cfg.steps} × {cfg.batch_size} | {hours} |"

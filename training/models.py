@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 FINAL_FOLDER = "final"
 # Inside committed stage weights (training/weights/<stage>/): the config.json that stage really ran.
 COMMITTED_STAGE_CONFIG = "stage_config.json"
+#: The committed final weights of the default's stages, one folder per stage.
+COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 def ran_config(final: Path) -> dict | None:  # type: ignore[type-arg]

@@ -29,6 +29,9 @@ class StageConfigs:
     teacher: TeacherConfig
     guidance_distill: GuidanceDistillConfig
     adversarial_distill: AdversarialDistillConfig
+    #: The stages whose run left a record (a saved config.json, or the copy committed weights carry); the others
+    #: show their committed config file, which may not be what made the model.
+    recorded: frozenset[str] = frozenset()
 
     def by_name(
         self, name: str
@@ -36,18 +39,23 @@ class StageConfigs:
         return getattr(self, name)
 
 
-def stage_configs(stage_dirs: dict[str, Path], config_dir: Path) -> StageConfigs:
+def stage_configs(stage_dirs: dict[str, Path], config_dir: Path, committed: Path | None = None) -> StageConfigs:
     """Per stage: what its final weights really ran (the config.json beside them, or the copy committed weights
-    carry), else its committed config file."""
-    found = {}
+    carry, in its folder or else in `committed`/<stage>), else its committed config file."""
+    found, recorded = {}, set()
     for name, file in STAGE_CONFIG_FILES:
-        raw = ran_config(stage_dirs[name] / FINAL_FOLDER) or load_raw_config(config_dir / file)
-        found[name] = raw
+        ran = ran_config(stage_dirs[name] / FINAL_FOLDER)
+        if ran is None and committed is not None:
+            ran = ran_config(committed / name)
+        if ran is not None:
+            recorded.add(name)
+        found[name] = ran or load_raw_config(config_dir / file)
     return StageConfigs(
         AutoencoderConfig.model_validate(found["autoencoder"]),
         TeacherConfig.model_validate(found["teacher"]),
         GuidanceDistillConfig.model_validate(found["guidance_distill"]),
         AdversarialDistillConfig.model_validate(found["adversarial_distill"]),
+        frozenset(recorded),
     )
 
 
