@@ -16,7 +16,7 @@ DEFAULT_TAESD_CONFIG: dict[str, object] = {
 }
 
 
-#: The frame skip's kernel when none is named (a 1×1 projection: the cheapest, and what v8 and v9 ship; v7 had a 3×3).
+#: The frame skip's kernel when none is named (a 1×1 projection: the cheapest, and what v8–v10 ship; v7 had a 3×3).
 FRAME_SKIP_KERNEL = 1
 
 
