@@ -303,10 +303,12 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     ]
     for name, file in STAGE_CONFIG_FILES:
         cfg = stages.by_name(name)
-        logged = (stage_dirs[name] / "loss_log.jsonl").is_file()
-        hours = f"{training_hours(stage_dirs[name]):.2f}" if logged else "earlier run (committed weights)"
         if name not in stages.recorded:
             hours = "no record of the run here: the committed config's schedule (training/README.md has the run)"
+        elif (stage_dirs[name] / "loss_log.jsonl").is_file():
+            hours = f"{training_hours(stage_dirs[name]):.2f}"
+        else:
+            hours = "earlier run (committed weights)"
         lines.append(
             f"| {name} | training/configs/{file} | {starts_from(name, cfg)} "
             f"| {cfg.steps} × {cfg.batch_size} | {hours} |"
