@@ -17,6 +17,7 @@ const ui = {
   presets: $('presets'),
   promptForm: $('prompt-form'),
   prompt: $('prompt'),
+  reading: $('reading'),
   seedRandom: $('seed-random'),
   stats: $('stats'),
   statEdited: $('stat-edited'),
@@ -144,6 +145,26 @@ function markPreset(prompt) {
   ui.outputPrompt.textContent = state.session && prompt ? `· “${prompt}”` : '';
 }
 
+/** Below 0.6 for its heaviest edit, a reading is a blend the model was not sure of: say so. */
+const UNSURE_SHARE = 0.6;
+
+/** How the server read the instruction: the trained edits it became, heaviest first (null: not read). */
+function showReading(reading) {
+  ui.reading.hidden = !Array.isArray(reading);
+  ui.reading.classList.remove('unsure');
+  if (!Array.isArray(reading)) return;
+  if (reading.length === 0) {
+    ui.reading.textContent = 'Read as: no edit.';
+    return;
+  }
+  const parts = reading.map(({ edit, share }) => `${edit.replaceAll('_', ' ')} ${Math.round(share * 100)} %`);
+  ui.reading.textContent = `Read as: ${parts.join(' · ')}.`;
+  if (reading[0].share < UNSURE_SHARE) {
+    ui.reading.classList.add('unsure');
+    ui.reading.textContent += ' Not sure what you meant: try other words, or a preset.';
+  }
+}
+
 /** Show the server's effective params, except fields with a change of ours still on its way. */
 function applyEffective(edit) {
   state.effective = { ...edit };
@@ -185,6 +206,7 @@ const patcher = {
       const result = await api.patchSession(session.id, session.token, changes);
       if (state.session === session) {
         applyEffective(result.edit);
+        if ('prompt' in changes) showReading(result.reading);
         clearMessage('param');
       }
     } catch (error) {
@@ -545,6 +567,7 @@ async function stop({ reason = null } = {}) {
   ui.preview.srcObject = null;
   ui.output.srcObject = null;
   ui.outputPrompt.textContent = '';
+  showReading(null);
   clearMessage('connection');
   if (reason) showMessage('warning', reason, { key: 'session' });
   if (session) {
@@ -591,6 +614,8 @@ async function pollStats(run) {
   let stats = null;
   if (server.status === 'fulfilled') {
     stats = server.value.stats;
+    // A reading polled while a new prompt is on its way would be the old prompt's.
+    if (!patcher.has('prompt') && !patcher.inFlight) showReading(server.value.reading);
     clearMessage('poll');
   } else if (server.reason?.status === 404) {
     if (pc.connectionState !== 'connected') {

@@ -109,6 +109,18 @@ class RoutedReply:
     body: dict[str, Any] | None
 
 
+#: The trained edits a prompt is read as, heaviest first, each with its share (engines.routing): what the UNet is
+#: fed for it. None where the model feeds prompts as they are, or the engine has not read this one yet.
+PromptReading = list[tuple[str, float]]
+#: The smallest share of an edit a reading names (routing's softmax gives every edit some).
+READING_FLOOR = 0.05
+
+
+def to_reading(value: Any) -> PromptReading | None:
+    """A reading as msgpack carries it ([edit, share] lists), or None."""
+    return None if value is None else [(str(edit), float(share)) for edit, share in value]
+
+
 OutcomeHandler = Callable[[EngineOutcome], None]
 RouteHandler = Callable[[RoutedCall], Awaitable[RoutedReply]]
 
@@ -117,6 +129,7 @@ class EngineStream(abc.ABC):
     """One session's stream into the engine: hand it camera frames, newest wins."""
 
     session_id: str
+    reading: PromptReading | None  # how the engine read the prompt it opened with
 
     @abc.abstractmethod
     def submit(self, pixels: Callable[[], np.ndarray], received_at: float, meta: Any) -> bool:
@@ -149,8 +162,9 @@ class EngineClient(abc.ABC):
         """Admit a stream (EngineFull, EngineUnavailable) and encode its prompt; outcomes go to `on_outcome`."""
 
     @abc.abstractmethod
-    async def update_stream(self, session_id: str, params: EditParams) -> None:
-        """New params for a stream; a new prompt is encoded first, then both apply to the next frame taken."""
+    async def update_stream(self, session_id: str, params: EditParams) -> PromptReading | None:
+        """New params for a stream; a new prompt is encoded first, then both apply to the next frame taken.
+        Returns how the engine reads the stream's prompt now."""
 
     @abc.abstractmethod
     async def close_stream(self, session_id: str) -> None:

@@ -41,10 +41,12 @@ from engines.client import (
     EngineStream,
     EngineUnavailable,
     OutcomeHandler,
+    PromptReading,
     RoutedCall,
     RoutedReply,
     RouteHandler,
     StreamNotFound,
+    to_reading,
 )
 from engines.frame_table import FrameTable
 from engines.params import EditParams
@@ -180,6 +182,7 @@ class _ShmStream(EngineStream):
     seq: int = 0
     in_flight: dict[int, _Frame] = field(default_factory=dict)
     closed: bool = False
+    reading: PromptReading | None = None
 
     def submit(self, pixels: Callable[[], np.ndarray], received_at: float, meta: Any) -> bool:
         if self.closed:
@@ -492,22 +495,27 @@ class ProcessEngineClient(EngineClient):
             raise error(reply.error or f"the engine refused the stream ({reply.status})")
         # The engine wants its first frame at once (its Want may be read before this coroutine resumes).
         stream = _ShmStream(self, session_id, int(reply.body["slot"]), params, on_outcome, wanted=True)
+        stream.reading = to_reading(reply.body.get("reading"))
         self._streams[session_id] = stream
         self._claims.discard(session_id)
         self._capacity -= 1
         return stream
 
-    async def update_stream(self, session_id: str, params: EditParams) -> None:
+    async def update_stream(self, session_id: str, params: EditParams) -> PromptReading | None:
         stream = self._streams.get(session_id)
         if stream is None:
             raise StreamNotFound(f"no session {session_id!r}")
         if not self.welcomed:
+            if params.prompt != stream.params.prompt:
+                stream.reading = None  # read by the next engine, which is not here to say how
             stream.params = params  # the next engine takes it with the stream
-            return
+            return stream.reading
         reply = await self._call(lambda call: m.Update(call, session_id, params.model_dump()))
         if reply.status != 200:
             raise EngineUnavailable(reply.error or f"the engine refused the update ({reply.status})")
         stream.params = params
+        stream.reading = to_reading((reply.body or {}).get("reading"))
+        return stream.reading
 
     async def close_stream(self, session_id: str) -> None:
         stream = self._streams.pop(session_id, None)

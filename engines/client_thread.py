@@ -20,6 +20,7 @@ from engines.client import (
     EngineStream,
     EngineUnavailable,
     OutcomeHandler,
+    PromptReading,
     RoutedCall,
     RoutedReply,
     RouteHandler,
@@ -59,9 +60,10 @@ def to_engine_outcome(outcome: FrameOutcome) -> EngineOutcome:
 
 
 class _SlotStream(EngineStream):
-    def __init__(self, slot: FrameSlot) -> None:
+    def __init__(self, slot: FrameSlot, reading: PromptReading | None) -> None:
         self.session_id = slot.stream_id
         self.slot = slot
+        self.reading = reading
 
     def submit(self, pixels: Callable[[], np.ndarray], received_at: float, meta: Any) -> bool:
         return self.slot.offer(PendingFrame(pixels=pixels, received_at=received_at, meta=meta))
@@ -122,6 +124,7 @@ class InThreadEngineClient(EngineClient):
         self._reserved += 1
         try:
             context = await asyncio.wrap_future(worker.encode_prompt(params.prompt))
+            reading = await asyncio.wrap_future(worker.read_prompt(params.prompt))
         finally:
             self._reserved -= 1
         loop = asyncio.get_running_loop()
@@ -129,20 +132,23 @@ class InThreadEngineClient(EngineClient):
         def deliver(outcome: FrameOutcome) -> None:  # on the engine thread: hand over to the loop
             loop.call_soon_threadsafe(on_outcome, to_engine_outcome(outcome))
 
-        stream = _SlotStream(FrameSlot(session_id, Conditions(params, context), on_outcome=deliver))
+        stream = _SlotStream(FrameSlot(session_id, Conditions(params, context), on_outcome=deliver), reading)
         self._streams[session_id] = stream
         worker.add(stream.slot)
         return stream
 
-    async def update_stream(self, session_id: str, params: EditParams) -> None:
+    async def update_stream(self, session_id: str, params: EditParams) -> PromptReading | None:
         worker = self._ready_worker()
         stream = self._streams.get(session_id)
         if stream is None:
             raise StreamNotFound(f"no session {session_id!r}")
-        context = stream.slot.conditions.context
+        context, reading = stream.slot.conditions.context, stream.reading
         if params.prompt != stream.slot.conditions.params.prompt:
             context = await asyncio.wrap_future(worker.encode_prompt(params.prompt))
+            reading = await asyncio.wrap_future(worker.read_prompt(params.prompt))
         stream.slot.set_conditions(params, context)
+        stream.reading = reading
+        return reading
 
     async def close_stream(self, session_id: str) -> None:
         if self._streams.pop(session_id, None) is not None and self.worker is not None:

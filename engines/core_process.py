@@ -48,6 +48,7 @@ class _Stream:
     owner: bytes
     slot: int
     frame_slot: FrameSlot
+    reading: list[tuple[str, float]] | None = None  # the edits its prompt is read as (Editor.read_prompt)
 
 
 class EngineServer:
@@ -230,14 +231,15 @@ class EngineServer:
             self.reply(sender, msg.call, 500, error=f"could not open the stream: {exc!r}")
             return
         self.claims.pop(msg.session_id, None)
-        self.reply(sender, msg.call, 200, {"slot": slot})
+        self.reply(sender, msg.call, 200, {"slot": slot, "reading": self.streams[msg.session_id].reading})
         self.send(sender, m.Want(msg.session_id))
 
     def register(self, owner: bytes, session_id: str, slot: int, params: EditParams) -> None:
         assert self.core is not None
         context = self.core.editor.encode_prompt(params.prompt)
+        reading = self.core.editor.read_prompt(params.prompt)
         frame_slot = FrameSlot(session_id, Conditions(params, context), on_outcome=lambda outcome: None)
-        self.streams[session_id] = _Stream(owner, slot, frame_slot)
+        self.streams[session_id] = _Stream(owner, slot, frame_slot, reading)
         self.core.slots[session_id] = frame_slot
 
     def update(self, sender: bytes, msg: m.Update) -> None:
@@ -250,8 +252,9 @@ class EngineServer:
         context = conditions.context
         if params.prompt != conditions.params.prompt:
             context = self.core.editor.encode_prompt(params.prompt)
+            stream.reading = self.core.editor.read_prompt(params.prompt)
         stream.frame_slot.set_conditions(params, context)
-        self.reply(sender, msg.call, 200)
+        self.reply(sender, msg.call, 200, {"reading": stream.reading})
 
     def drop(self, session_id: str) -> None:
         self.awaiting.pop(session_id, None)

@@ -10,6 +10,7 @@ import torch
 from engines.backends.base import Backend
 from engines.config import EditorConfig
 from engines.params import EditParams
+from engines.routing import RoutedPromptEncoder
 from engines.sampling import NoiseSchedule, SamplerLane, sample, student_start
 from engines.temporal import StreamState, hold_still
 from engines.text import CachedPromptEncoder
@@ -76,6 +77,12 @@ class Editor:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """The prompt's (tokens, dim) context; encoded once per distinct prompt, then cached."""
         return self.prompts(prompt)
+
+    def read_prompt(self, prompt: str) -> list[tuple[str, float]] | None:
+        """The trained edits `prompt` is read as, heaviest first (engines.routing), or None where the model feeds
+        every prompt to the UNet as it is. Asked once per stream and per new prompt, as often as it is encoded."""
+        encoder = self.prompts.encoder
+        return encoder.read(prompt) if isinstance(encoder, RoutedPromptEncoder) else None
 
     @property
     def resolution(self) -> int:

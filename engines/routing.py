@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engines.client import READING_FLOOR
 from engines.config import PromptRouting
 from engines.text import PromptEncoder
 
@@ -115,6 +116,14 @@ class RoutedPromptEncoder(PromptEncoder):
     def weights(self, prompts: list[str]) -> torch.Tensor:
         """(len(prompts), E) how much of each edit every prompt is read as."""
         return edit_weights(sentence_embeddings(self.base.encode(prompts)), self.table, self.routing)
+
+    def read(self, prompt: str) -> list[tuple[str, float]]:
+        """The edits `prompt` is read as, heaviest first: what a user is told their words became. Shares under
+        READING_FLOOR are left out; the empty prompt is read as no edit at all."""
+        if not prompt.strip():
+            return []
+        shares = [(name, float(w)) for name, w in zip(self.table.edit_names, self.weights([prompt])[0], strict=True)]
+        return sorted((s for s in shares if s[1] >= READING_FLOOR), key=lambda s: -s[1])
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         contexts = self.base.encode(prompts)

@@ -35,6 +35,8 @@ class BatchEditor(Protocol):
 
     def encode_prompt(self, prompt: str) -> torch.Tensor: ...
 
+    def read_prompt(self, prompt: str) -> list[tuple[str, float]] | None: ...
+
 
 @dataclass
 class PendingFrame:
@@ -290,6 +292,10 @@ class EngineWorker:
     def encode_prompt(self, prompt: str) -> Future[torch.Tensor]:
         """Encode a prompt on the prompt thread (cached by the editor); a Future of its context."""
         return self._prompt_pool.submit(self.editor.encode_prompt, prompt)
+
+    def read_prompt(self, prompt: str) -> Future[list[tuple[str, float]] | None]:
+        """The edits a prompt is read as (Editor.read_prompt), on the prompt thread; a Future of them."""
+        return self._prompt_pool.submit(self.editor.read_prompt, prompt)
 
     def add(self, slot: FrameSlot) -> None:
         def wake() -> None:

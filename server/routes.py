@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from engines.client import EngineClient, RoutedCall, RoutedReply
+from engines.client import READING_FLOOR, EngineClient, RoutedCall, RoutedReply
 from engines.params import EditParams, EditParamsPatch
 from server.errors import ErrorBody, TooManyRequests
 from server.metrics import ServiceMetrics
@@ -66,8 +66,19 @@ class AnswerResponse(BaseModel):
     edit: EditParams
 
 
+class EditShare(BaseModel):
+    edit: str = Field(..., description="One of the edits the model was trained on (e.g. 'pencil_sketch').")
+    share: float = Field(..., ge=0, le=1, description="How much of it the prompt is read as.")
+
+
 class EditResponse(BaseModel):
     edit: EditParams
+    reading: list[EditShare] | None = Field(
+        None,
+        description=f"The trained edits the prompt is read as, heaviest first (shares under {READING_FLOOR} left "
+        "out), so a client can say what the words became. null where the model reads prompts as they are, or "
+        "before the session's peer has connected.",
+    )
 
 
 def registry_of(request: Request) -> SessionRegistry:

@@ -20,6 +20,7 @@ from engines.client import (
     EngineFull,
     EngineOutcome,
     EngineStream,
+    PromptReading,
     RoutedCall,
     RoutedReply,
     StreamNotFound,
@@ -58,6 +59,7 @@ class Session:
         self.stats = SessionStats()
         self.closed = False
         self.stream: EngineStream | None = None
+        self.reading: PromptReading | None = None  # how the engine read the prompt; None until it has
         self._registry = registry
         self._update_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -78,6 +80,7 @@ class Session:
                 await engine.close_stream(self.id)
                 return
             self.stream = stream
+            self.reading = stream.reading
 
     def start_reading(self, track: MediaStreamTrack, size: int) -> None:
         self._reader = asyncio.ensure_future(read_newest(track, self._offer, size, self._refused))
@@ -140,7 +143,9 @@ class Session:
         async with self._update_lock:
             params = patch.apply(self.params)
             if self.stream is not None:  # else the stream opens with them when the peer connects
-                await engine.update_stream(self.id, params)
+                self.reading = await engine.update_stream(self.id, params)
+            elif params.prompt != self.params.prompt:
+                self.reading = None
             self.params = params
             return params
 
@@ -156,7 +161,13 @@ class Session:
     def describe(self) -> dict[str, object]:
         stats: dict[str, object] = dict(self.stats.snapshot())
         stats["state"] = self.state
-        return {"session_id": self.id, "edit": self.params.model_dump(), "stats": stats}
+        return {"session_id": self.id, "edit": self.params.model_dump(), "reading": self.read_as(), "stats": stats}
+
+    def read_as(self) -> list[dict[str, object]] | None:
+        """The reading as the API gives it: the edits the prompt became, heaviest first, with their shares."""
+        if self.reading is None:
+            return None
+        return [{"edit": edit, "share": round(share, 3)} for edit, share in self.reading]
 
 
 class SessionRegistry:
@@ -320,7 +331,7 @@ class SessionRegistry:
                 return RoutedReply(200, session.describe())
             if call.op == "patch":
                 params = await session.update(EditParamsPatch.model_validate(call.body), self.engine)
-                return RoutedReply(200, {"edit": params.model_dump()})
+                return RoutedReply(200, {"edit": params.model_dump(), "reading": session.read_as()})
             await self.close(call.session_id)
             return RoutedReply(204, None)
         except ServiceError as exc:

@@ -27,6 +27,9 @@ class SlowedEditor:
     def encode_prompt(self, prompt: str) -> Any:
         return self.inner.encode_prompt(prompt)
 
+    def read_prompt(self, prompt: str) -> Any:
+        return self.inner.read_prompt(prompt)
+
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         started = time.perf_counter()
         out = self.inner.edit(requests)

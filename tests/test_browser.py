@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -362,8 +363,11 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     decoded = page.evaluate(FRAMES_DECODED_JS)
     page.wait_for_function(f"() => ({FRAMES_DECODED_JS})() >= {decoded + 10}")
     page.wait_for_function("() => document.getElementById('stat-edited').textContent.includes('fps')")
-    stats = httpx.get(f"{server.base}/v1/sessions/{session_id}", headers=bearer(token), timeout=5).json()["stats"]
+    described = httpx.get(f"{server.base}/v1/sessions/{session_id}", headers=bearer(token), timeout=5).json()
+    stats = described["stats"]
     assert stats["frames_edited"] > 0 and stats["errors"] == 0, stats
+    # How the server read the starting instruction, from the stats poll.
+    assert_page_shows_reading(page, described["reading"])
 
     # A second visitor while the only slot is taken: the page says the server is full and when to retry.
     other = browser_context.new_page()
@@ -423,7 +427,13 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
         page.press("#prompt", "Enter")
     assert patched.value.status == 200 and patched.value.json()["edit"]["prompt"] == "make it look like a neon sign"
     assert page.locator("#presets button[aria-pressed='true']").count() == 0
-    target.click()  # back to the preset for the screenshot
+    # No trained edit is a neon sign: the page shows the blend it became and says it is unsure.
+    reading = patched.value.json()["reading"]
+    assert reading[0]["share"] < UNSURE_SHARE, reading
+    assert_page_shows_reading(page, reading)
+    with page.expect_response(lambda r: r.request.method == "PATCH") as patched:
+        target.click()  # back to the preset for the screenshot
+    assert_page_shows_reading(page, patched.value.json()["reading"])
 
     page.wait_for_timeout(1500)  # a fresh stats poll for the screenshot
     save_screenshot(page)
@@ -438,6 +448,22 @@ def test_page_streams_edits_and_applies_controls_live(server: Server, browser_co
     if flat_output:
         # Everything above passed; only the pixel check could not run. Visible in the summary, not silent.
         pytest.xfail("the loaded editor returns a flat (near-black) frame for every prompt: placeholder weights")
+
+
+#: The page's threshold (client_web/app.js UNSURE_SHARE) under which a reading's heaviest edit is called unsure.
+UNSURE_SHARE = 0.6
+
+
+def assert_page_shows_reading(page: Any, reading: list[dict[str, Any]]) -> None:
+    """The page's 'Read as' line names every edit of the server's reading with its share (rounded as JavaScript
+    rounds), and warns exactly when the heaviest share is under UNSURE_SHARE."""
+    parts = [f"{item['edit'].replace('_', ' ')} {math.floor(item['share'] * 100 + 0.5)} %" for item in reading]
+    expected = f"Read as: {' · '.join(parts)}."
+    page.wait_for_function(
+        "expected => document.getElementById('reading').textContent.startsWith(expected)", arg=expected
+    )
+    unsure = "unsure" in (page.get_attribute("#reading", "class") or "")
+    assert unsure == (reading[0]["share"] < UNSURE_SHARE), (page.inner_text("#reading"), reading)
 
 
 def wait_for_room(server: Server) -> None:

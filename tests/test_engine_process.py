@@ -231,6 +231,8 @@ async def test_a_session_opened_through_one_media_worker_is_patched_and_deleted_
             patched = await http.patch(via_b, json={"prompt": "make it a pencil sketch"}, headers=session.auth)
             assert patched.status_code == 200, patched.text
             assert (await session.info())["edit"]["prompt"] == "make it a pencil sketch"
+            # The engine's reading of the new prompt comes back through the worker that routed the call.
+            assert patched.json()["reading"][0]["edit"] == "pencil_sketch"
             # A session whose peer is still connecting holds no slot, yet calls for it are routed too.
             ghost, sdp = await unanswered_offer(clip_frames)
             pending = await http.post(f"{url_a}/v1/sessions", json={"sdp": sdp})
@@ -239,6 +241,7 @@ async def test_a_session_opened_through_one_media_worker_is_patched_and_deleted_
             token = {"Authorization": f"Bearer {pending.json()['token']}"}
             routed = await http.get(f"{url_b}/v1/sessions/{pending.json()['session_id']}", headers=token)
             assert routed.status_code == 200 and routed.json()["stats"]["state"] in ("new", "connecting")
+            assert routed.json()["reading"] is None  # no stream yet: the engine has not read its prompt
             # Admission counts both workers' connected sessions: 1 on A + 2 on B fill 3 slots.
             others = [EditSession(url_b, ClipTrack(clip_frames), http) for _ in range(3)]
             statuses = []

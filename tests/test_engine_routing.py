@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.client import READING_FLOOR
 from engines.config import DEFAULT_MODEL_DIR, ROUTES_FILE, EditorConfig, PromptRouting
+from engines.loader import load_editor
 from engines.model import EditorModel, ModelFolderError
 from engines.routing import PHRASING_MEANS, RoutedPromptEncoder, RouteTable, edit_weights, sentence_embeddings
+from engines.spec import EngineSpec
 from engines.text import MiniLMPromptEncoder
 from tests.test_engine_loading import make_tiny_pix2pix_folder, mobile_pix2pix_config, tiny_sd15_unet_config
 from training.budgeted_finetune import budgeted_steps
@@ -81,6 +84,24 @@ def test_a_routed_context_is_the_weighted_blend_and_the_empty_prompt_keeps_its_o
     assert not torch.allclose(contexts[0], null)
 
 
+def test_a_reading_names_the_edits_a_prompt_became_heaviest_first(base: MiniLMPromptEncoder, table: RouteTable) -> None:
+    routing = PromptRouting()
+    routed = RoutedPromptEncoder(base, table, routing)
+    prompt = NEW_WORDINGS["sepia"]
+    reading = routed.read(prompt)
+    weights = routed.weights([prompt])[0]
+    named = {name: float(w) for name, w in zip(table.edit_names, weights, strict=True) if w >= READING_FLOOR}
+    assert reading == sorted(named.items(), key=lambda item: -item[1])
+    assert reading[0][0] == "sepia"
+    # A wording between two edits is read as both, so a user sees the blend they will get.
+    mixed = routed.read("an old brown photo drawn in pencil")
+    assert [name for name, _ in mixed] == ["pencil_sketch", "sepia"]
+    # Words that name no edit are read as an unsure blend, which is what a client can warn about.
+    vague = routed.read("hello world")
+    assert len(vague) >= 2 and vague[0][1] < 0.9
+    assert routed.read("") == routed.read("  ") == []  # no instruction: no edit
+
+
 def test_a_table_survives_saving_and_a_broken_one_is_refused(table: RouteTable, tmp_path: Path) -> None:
     path = tmp_path / ROUTES_FILE
     table.save(path)
@@ -105,6 +126,8 @@ def test_the_builder_routes_a_model_folder_that_then_loads_routed(
     folder = _pooled_folder(tmp_path / "model")
     phrasings = tmp_path / "routing.json"
     phrasings.write_text(json.dumps({"phrasings": {"sepia": ["brownish antique tint"]}}))
+    spec = EngineSpec(weights=folder, backend="torch")
+    assert load_editor(spec).read_prompt("brownish antique tint") is None  # fed as it is: nothing to tell
 
     assert main(["--model", str(folder), "--phrasings", str(phrasings), "--measure"]) == 0
     assert not (folder / ROUTES_FILE).exists() and EditorConfig.load(folder).prompt_routing is None
@@ -117,6 +140,7 @@ def test_the_builder_routes_a_model_folder_that_then_loads_routed(
     table = model.prompt_encoder.table
     assert len(table.edit_names) == len(get_edits())
     assert len(table.phrasings) == len(route_phrasings(get_edits(), {"sepia": ("brownish antique tint",)}))
+    assert load_editor(spec).read_prompt("brownish antique tint")[0][0] == "sepia"
 
     (folder / ROUTES_FILE).unlink()
     with pytest.raises(ModelFolderError, match="asks for prompt routing but .*prompt_routes.safetensors is missing"):

@@ -39,12 +39,15 @@ async def test_patch_prompt_changes_output_within_a_few_frames(clip_frames) -> N
     async with running_server() as srv:
         session = await srv.open_session(still, keep_images=200, edit={"prompt": "make it a pencil sketch"})
         await wait_for(lambda: len(session.received) >= 15, 30, "frames before the patch")
+        reading = (await session.info())["reading"]
+        assert reading[0]["edit"] == "pencil_sketch" and reading[0]["share"] > 0.9, reading
         before = [img for _, img in session.images[-5:]]
         jitter = max(float(np.abs(a.astype(float) - before[-1]).mean()) for a in before)
         n_before = len(session.received)
         response = await session.patch(prompt="turn it into a thermal camera image", text_guidance=12.0)
         assert response.status_code == 200, response.text
         assert response.json()["edit"]["prompt"] == "turn it into a thermal camera image"
+        assert response.json()["reading"][0]["edit"] == "thermal"
         await wait_for(lambda: len(session.received) >= n_before + 10, 30, "frames after the patch")
         after = [img for i, img in session.images if n_before <= i < n_before + 10]
         change = max(float(np.abs(a.astype(float) - before[-1]).mean()) for a in after)
@@ -123,7 +126,12 @@ async def test_the_in_thread_engine_serves_the_same_api(clip_frames) -> None:
     async with running_server(engine="thread") as srv:
         session = await srv.open_session(clip_frames, edit={"prompt": "make it sepia"})
         await wait_for(lambda: len(session.received) >= 10, 30, "10 edited frames from the in-thread engine")
-        assert (await session.patch(text_guidance=2.0)).status_code == 200
+        assert (await session.info())["reading"][0]["edit"] == "sepia"
+        # Words that name no trained edit are read as a blend, and the client is told so.
+        vague = (await session.patch(prompt="hello world")).json()["reading"]
+        assert len(vague) >= 2 and vague[0]["share"] < 0.9, vague
+        assert sum(item["share"] for item in vague) <= 1.0
+        assert (await session.patch(text_guidance=2.0)).json()["reading"] == vague  # same prompt, same reading
         info = await session.info()
         assert info["stats"]["frames_edited"] >= 10 and info["stats"]["errors"] == 0
         assert info["edit"]["text_guidance"] == 2.0
