@@ -437,6 +437,9 @@ class ProcessEngineClient(EngineClient):
             if not self.welcomed:
                 log.info("engine %d took back %d streams", msg.incarnation, len(self._streams))
             self.welcomed, self.incarnation = True, msg.incarnation
+            for session_id, reading in msg.readings.items():
+                if (stream := self._streams.get(session_id)) is not None:
+                    stream.reading = to_reading(reading)
             self._welcome.set()
             if self.first_incarnation is None:
                 self.first_incarnation = msg.incarnation

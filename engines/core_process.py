@@ -207,7 +207,8 @@ class EngineServer:
                 continue
             self.free.discard(slot)
             self.register(sender, session_id, slot, EditParams.model_validate(params))
-        self.send(sender, m.Welcome(self.incarnation))
+        readings = {sid: stream.reading for sid, stream in self.streams.items() if stream.owner == sender}
+        self.send(sender, m.Welcome(self.incarnation, readings))
         for session_id, stream in self.streams.items():
             if stream.owner == sender:
                 self.send(sender, m.Want(session_id))

@@ -88,9 +88,11 @@ class Beat(msgspec.Struct, tag=True):
 
 
 class Welcome(msgspec.Struct, tag=True):
-    """The engine took a worker's Hello; streams it could not take back follow as Lost."""
+    """The engine took a worker's Hello; streams it could not take back follow as Lost. `readings`: how it read
+    the prompt of each stream it holds for the worker (a prompt changed while no engine was there is read here)."""
 
     incarnation: int
+    readings: dict[str, list[tuple[str, float]] | None] = {}
 
 
 class Reply(msgspec.Struct, tag=True):

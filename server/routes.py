@@ -77,7 +77,8 @@ class EditResponse(BaseModel):
         None,
         description=f"The trained edits the prompt is read as, heaviest first (shares under {READING_FLOOR} left "
         "out), so a client can say what the words became. null where the model reads prompts as they are, "
-        "before the session's peer has connected, and for a prompt given while the engine restarts.",
+        "before the session's peer has connected, and for a prompt given while the engine restarts, until the new "
+        "engine has read it.",
     )
 
 

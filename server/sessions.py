@@ -20,7 +20,6 @@ from engines.client import (
     EngineFull,
     EngineOutcome,
     EngineStream,
-    PromptReading,
     RoutedCall,
     RoutedReply,
     StreamNotFound,
@@ -59,7 +58,6 @@ class Session:
         self.stats = SessionStats()
         self.closed = False
         self.stream: EngineStream | None = None
-        self.reading: PromptReading | None = None  # how the engine read the prompt; None until it has
         self._registry = registry
         self._update_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -80,7 +78,6 @@ class Session:
                 await engine.close_stream(self.id)
                 return
             self.stream = stream
-            self.reading = stream.reading
 
     def start_reading(self, track: MediaStreamTrack, size: int) -> None:
         self._reader = asyncio.ensure_future(read_newest(track, self._offer, size, self._refused))
@@ -143,9 +140,7 @@ class Session:
         async with self._update_lock:
             params = patch.apply(self.params)
             if self.stream is not None:  # else the stream opens with them when the peer connects
-                self.reading = await engine.update_stream(self.id, params)
-            elif params.prompt != self.params.prompt:
-                self.reading = None
+                await engine.update_stream(self.id, params)
             self.params = params
             return params
 
@@ -164,10 +159,10 @@ class Session:
         return {"session_id": self.id, "edit": self.params.model_dump(), "reading": self.read_as(), "stats": stats}
 
     def read_as(self) -> list[dict[str, object]] | None:
-        """The reading as the API gives it: the edits the prompt became, heaviest first, with their shares."""
-        if self.reading is None:
-            return None
-        return [{"edit": edit, "share": round(share, 3)} for edit, share in self.reading]
+        """How the engine read the prompt, as the API gives it: the edits it became, heaviest first, with their
+        shares (None until the stream is open)."""
+        reading = None if self.stream is None else self.stream.reading
+        return None if reading is None else [{"edit": edit, "share": round(share, 3)} for edit, share in reading]
 
 
 class SessionRegistry:

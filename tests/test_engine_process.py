@@ -155,6 +155,9 @@ async def test_a_killed_engine_is_noticed_at_once_and_replaced_while_sessions_ke
         for session in (a, b):
             stats = (await session.info())["stats"]
             assert stats["state"] == "connected" and stats["unedited"] >= 10, stats
+        # A new prompt while no engine is there: taken, and not read yet.
+        patched = await b.patch(prompt="make it a pencil sketch")
+        assert patched.status_code == 200 and patched.json()["reading"] is None, patched.text
         # A new engine process comes up, takes both streams back, and edits resume untouched by the clients.
         deadline = time.monotonic() + 90
         while (await srv.http.get(f"{srv.url}/readyz")).status_code != 200:
@@ -172,7 +175,8 @@ async def test_a_killed_engine_is_noticed_at_once_and_replaced_while_sessions_ke
             assert time.monotonic() < deadline, "edits did not resume on both sessions"
             await asyncio.sleep(0.2)
         info = await b.info()
-        assert info["edit"]["prompt"] == "make it sepia", "the new engine must take the session's own params"
+        assert info["edit"]["prompt"] == "make it a pencil sketch", "the new engine must take the session's own params"
+        assert info["reading"][0]["edit"] == "pencil_sketch", "the new engine must say how it read that prompt"
         metrics = (await srv.http.get(f"{srv.url}/metrics")).text
         assert metric(metrics, "streamedit_engine_up") == 1.0
         assert metric(metrics, "streamedit_engine_restarts") == 1.0
