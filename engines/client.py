@@ -129,7 +129,7 @@ class EngineStream(abc.ABC):
     """One session's stream into the engine: hand it camera frames, newest wins."""
 
     session_id: str
-    reading: PromptReading | None  # how the engine read the prompt it opened with
+    reading: PromptReading | None  # how the engine reads its prompt now (update_stream keeps it current)
 
     @abc.abstractmethod
     def submit(self, pixels: Callable[[], np.ndarray], received_at: float, meta: Any) -> bool:
