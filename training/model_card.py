@@ -93,6 +93,8 @@ PIXEL_STAGES = (
 
 #: What a stage's `student` says when it started from the default shipped at the time: the stage before it.
 SHIPPED_STUDENT = "engines/default_model"
+#: The hours cell of a stage the card describes by its committed config: no run of it is on this machine.
+EARLIER_RUN = "earlier run (committed config)"
 
 
 def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
@@ -101,9 +103,9 @@ def pixel_stage(folder: Path) -> PixelFinetuneConfig | None:
     return None if raw is None else PixelFinetuneConfig.model_validate(raw)
 
 
-def pixel_lineage(root: Path, config_dir: Path) -> list[tuple[str, str, PixelFinetuneConfig]]:
-    """The pixel-space fine-tunes a model went through, oldest first: every one with a folder under `root`, and the
-    earlier ones the newest descends from.
+def pixel_lineage(root: Path, config_dir: Path) -> list[tuple[str, str, PixelFinetuneConfig, bool]]:
+    """The pixel-space fine-tunes a model went through, oldest first, each with whether it ran under `root`: every
+    one with a folder there, and the earlier ones the newest descends from.
 
     A stage's parent is the stage whose final folder its `student` names, or, for a student of
     engines/default_model, the stage shipped before it (PIXEL_STAGES runs in shipping order). A parent whose folder
@@ -112,9 +114,11 @@ def pixel_lineage(root: Path, config_dir: Path) -> list[tuple[str, str, PixelFin
     """
     found: dict[int, PixelFinetuneConfig] = {}
     finals: dict[str, int] = {}
+    ran_here = set()
     for i, (name, file) in enumerate(PIXEL_STAGES):
         if (stage := pixel_stage(root / name)) is not None:
             found[i] = stage
+            ran_here.add(i)
             finals[str(root / name / FINAL_FOLDER)] = i
         if (config_dir / file).is_file():
             finals.setdefault(str(Path(load_raw_config(config_dir / file)["output_dir"]) / FINAL_FOLDER), i)
@@ -129,7 +133,7 @@ def pixel_lineage(root: Path, config_dir: Path) -> list[tuple[str, str, PixelFin
                 break
             found[parent] = PixelFinetuneConfig.model_validate(load_raw_config(committed))
         index = parent
-    return [(*PIXEL_STAGES[i], found[i]) for i in sorted(found)]
+    return [(*PIXEL_STAGES[i], found[i], i in ran_here) for i in sorted(found)]
 
 
 def tuned_parts(stage: PixelFinetuneConfig) -> list[str]:
@@ -146,9 +150,8 @@ def tuned_parts(stage: PixelFinetuneConfig) -> list[str]:
     return parts
 
 
-def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig) -> str:
-    ran_here = pixel_stage(folder) is not None
-    hours = f"{training_hours(folder):.2f}" if ran_here else "earlier run (committed config)"
+def _pixel_row(name: str, file: str, folder: Path, stage: PixelFinetuneConfig, ran_here: bool) -> str:
+    hours = f"{training_hours(folder):.2f}" if ran_here else EARLIER_RUN
     return (
         f"| {name} ({', '.join(tuned_parts(stage))}) | training/configs/{file} | {stage.student} | "
         f"{stage.steps} × {stage.batch_size} | {hours} |"
@@ -203,13 +206,12 @@ def _decoder_note(decoder: FunnelDecoderConfig | None) -> str:
     )
 
 
-def _decoder_row(folder: Path, decoder: FunnelDecoderConfig) -> str:
-    ran_here = decoder_stage(folder) is not None
+def _decoder_row(folder: Path, decoder: FunnelDecoderConfig, ran_here: bool) -> str:
     hours = training_hours(folder / WIDE_FOLDER) + training_hours(folder / FUNNEL_FOLDER)
     return (
         f"| funnel_decoder | training/configs/{DECODER_CONFIG_FILE} | {decoder.init_from} | "
         f"{decoder.wide_steps} wide + {decoder.steps} funnelled × {decoder.batch_size} | "
-        f"{f'{hours:.2f}' if ran_here else 'earlier run (committed config)'} |"
+        f"{f'{hours:.2f}' if ran_here else EARLIER_RUN} |"
     )
 
 
@@ -245,7 +247,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
     stages = stage_configs(stage_dirs, config_dir, COMMITTED_WEIGHTS)
     pixel = pixel_lineage(root, config_dir)
     decoder = decoder_stage(root / DECODER_STAGE)
-    first_pixel = any(name == PIXEL_STAGES[0][0] for name, _, _ in pixel)
+    decoder_ran_here = decoder is not None
+    first_pixel = any(name == PIXEL_STAGES[0][0] for name, *_ in pixel)
     if decoder is None and first_pixel and (config_dir / DECODER_CONFIG_FILE).is_file():
         # The first pixel fine-tune started from the funnelled decoder's student: an earlier run, by its config.
         decoder = FunnelDecoderConfig.model_validate(load_raw_config(config_dir / DECODER_CONFIG_FILE))
@@ -288,7 +291,10 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
         f"{stages.guidance_distill.guidance_embedding_dim} each.",
         f"- Autoencoder: TAESD architecture (AutoencoderTiny), {stages.autoencoder.taesd.width} "
         "channels wide, 4 latent channels, trained here." + _decoder_note(decoder),
-        *(_pixel_line(stage, any(s.frame_skip for _, _, s in pixel[:i])) for i, (_, _, stage) in enumerate(pixel)),
+        *(
+            _pixel_line(stage, any(earlier.frame_skip for _, _, earlier, _ in pixel[:i]))
+            for i, (_, _, stage, _) in enumerate(pixel)
+        ),
         f"- Prompt encoder: {_encoder_line(stages.adversarial_distill.prompts)}",
         "",
         "## Training (reproduce from the repository root)",
@@ -314,8 +320,8 @@ def render(config_dir: Path, evaluate_config: dict) -> str:  # type: ignore[type
             f"| {cfg.steps} × {cfg.batch_size} | {hours} |"
         )
     if decoder is not None:
-        lines.append(_decoder_row(root / DECODER_STAGE, decoder))
-    lines += [_pixel_row(name, file, root / name, stage) for name, file, stage in pixel]
+        lines.append(_decoder_row(root / DECODER_STAGE, decoder, decoder_ran_here))
+    lines += [_pixel_row(name, file, root / name, stage, ran) for name, file, stage, ran in pixel]
     lines += [
         "",
         "Paths under training/weights/ name the stage weights committed when the stage ran (training/README.md "
