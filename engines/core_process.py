@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 
 from engines import messages as m
-from engines.client import EditorFactory
+from engines.client import EditorFactory, PromptReading
 from engines.client_thread import load_and_warm
 from engines.frame_table import FrameTable, FrameTableLayout
 from engines.params import EditParams
@@ -48,7 +48,7 @@ class _Stream:
     owner: bytes
     slot: int
     frame_slot: FrameSlot
-    reading: list[tuple[str, float]] | None = None  # the edits its prompt is read as (Editor.read_prompt)
+    reading: PromptReading | None = None  # the edits its prompt is read as (Editor.read_prompt)
 
 
 class EngineServer:

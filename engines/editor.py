@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from engines.backends.base import Backend
+from engines.client import PromptReading
 from engines.config import EditorConfig
 from engines.params import EditParams
 from engines.routing import RoutedPromptEncoder
@@ -78,7 +79,7 @@ class Editor:
         """The prompt's (tokens, dim) context; encoded once per distinct prompt, then cached."""
         return self.prompts(prompt)
 
-    def read_prompt(self, prompt: str) -> list[tuple[str, float]] | None:
+    def read_prompt(self, prompt: str) -> PromptReading | None:
         """The trained edits `prompt` is read as, heaviest first (engines.routing), or None where the model feeds
         every prompt to the UNet as it is. Asked once per stream and per new prompt, as often as it is encoded."""
         encoder = self.prompts.encoder

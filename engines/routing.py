@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engines.client import READING_FLOOR
+from engines.client import READING_FLOOR, PromptReading
 from engines.config import PromptRouting
 from engines.text import PromptEncoder
 
@@ -117,7 +117,7 @@ class RoutedPromptEncoder(PromptEncoder):
         """(len(prompts), E) how much of each edit every prompt is read as."""
         return edit_weights(sentence_embeddings(self.base.encode(prompts)), self.table, self.routing)
 
-    def read(self, prompt: str) -> list[tuple[str, float]]:
+    def read(self, prompt: str) -> PromptReading:
         """The edits `prompt` is read as, heaviest first: what a user is told their words became. Shares under
         READING_FLOOR are left out; the empty prompt is read as no edit at all."""
         if not prompt.strip():

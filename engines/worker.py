@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from engines.client import PromptReading
 from engines.editor import EditRequest, EditResult
 from engines.params import EditParams
 from engines.spec import DEFAULT_MAX_BATCH
@@ -35,7 +36,7 @@ class BatchEditor(Protocol):
 
     def encode_prompt(self, prompt: str) -> torch.Tensor: ...
 
-    def read_prompt(self, prompt: str) -> list[tuple[str, float]] | None: ...
+    def read_prompt(self, prompt: str) -> PromptReading | None: ...
 
 
 @dataclass
@@ -293,7 +294,7 @@ class EngineWorker:
         """Encode a prompt on the prompt thread (cached by the editor); a Future of its context."""
         return self._prompt_pool.submit(self.editor.encode_prompt, prompt)
 
-    def read_prompt(self, prompt: str) -> Future[list[tuple[str, float]] | None]:
+    def read_prompt(self, prompt: str) -> Future[PromptReading | None]:
         """The edits a prompt is read as (Editor.read_prompt), on the prompt thread; a Future of them."""
         return self._prompt_pool.submit(self.editor.read_prompt, prompt)
 
