@@ -41,7 +41,7 @@ from benchlib import (
     window_figures,
 )
 
-from loadtest.client import EditSession, PacedClip, clip_tracks, load_clip, pin_loopback_candidates
+from loadtest.client import EditSession, clip_tracks, load_clip, pin_loopback_candidates
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
@@ -94,7 +94,9 @@ async def phase(url: str, name: str, makers: dict[str, Any], args: argparse.Name
                 await asyncio.sleep(0.05)
             start = time.monotonic() + args.warmup
             end = start + args.window
-            storming = asyncio.create_task(storm(url, neighbour, args.storm_rate, end, answers)) if name == "storm" else None
+            storming = None
+            if name == "storm":
+                storming = asyncio.create_task(storm(url, neighbour, args.storm_rate, end, answers))
             await asyncio.sleep(max(0.0, end - time.monotonic()))
             if storming is not None:
                 await storming
@@ -170,7 +172,9 @@ def verdicts(summary: dict[str, dict[str, Any]]) -> list[str]:
     for name in ("storm", "hd"):
         s = summary[name]
         fps_ratio = s["victim_fps"] / quiet["victim_fps"] if quiet["victim_fps"] else 0.0
-        p95_ratio = s["victim_p95_ms"] / quiet["victim_p95_ms"] if quiet["victim_p95_ms"] and s["victim_p95_ms"] else None
+        p95_ratio = None
+        if quiet["victim_p95_ms"] and s["victim_p95_ms"]:
+            p95_ratio = s["victim_p95_ms"] / quiet["victim_p95_ms"]
         fps_ok = fps_ratio >= 0.90
         p95_ok = p95_ratio is not None and p95_ratio <= 1.25
         p95_text = "n/a" if p95_ratio is None else f"{p95_ratio:.2f}x"
@@ -226,14 +230,13 @@ def main() -> int:
         "pre-encoded VP8, so the client costs next to no CPU. Medians over "
         f"{args.rounds} rounds of {args.warmup:g} s warm-up + {args.window:g} s measured per phase, phases in turn.",
         "",
-        table(
-            ["neighbour", "victim FPS", "victim p50 ms", "victim p95 ms", "neighbour FPS", "storm answers"], rows
-        ),
+        table(["neighbour", "victim FPS", "victim p50 ms", "victim p95 ms", "neighbour FPS", "storm answers"], rows),
         "",
         *verdicts(summary),
     ]
     data = {"machine": machine, "args": vars(args) | {"clip": str(args.clip)}, "summary": summary, "runs": results}
-    return publish("isolation_cpu", args.tag, "Isolation: one session beside a quiet, a storming and an HD neighbour", parts, data)
+    title = "Isolation: one session beside a quiet, a storming and an HD neighbour"
+    return publish("isolation_cpu", args.tag, title, parts, data)
 
 
 if __name__ == "__main__":

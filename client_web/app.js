@@ -54,6 +54,8 @@ const state = {
   poller: null,
   connectTimer: null,
   lastInbound: null,
+  // What the server asks of the camera (GET /v1/presets: camera); these stand in until it answers.
+  camera: { height: 480, frame_rate: 30, max_kbps: 1000 },
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +212,13 @@ const patcher = {
         clearMessage('param');
       }
     } catch (error) {
+      if (state.session === session && (error.status === 429 || error.status === 503)) {
+        // Over the session's PATCH rate, or the server's prompt encoder is busy: nothing was applied. Send these
+        // changes again (under any made since) when the server says.
+        this.inFlight = false;
+        this.queue({ ...changes, ...this.pending }, 1000 * (error.retryAfter || 1));
+        return;
+      }
       if (state.session === session) await patchFailed(error);
     } finally {
       this.inFlight = false;
@@ -327,6 +336,7 @@ async function loadModelInfo() {
     return;
   }
   renderPresets(info.presets ?? []);
+  if (info.camera) state.camera = info.camera;
   for (const [name, range] of Object.entries(info.ranges ?? {})) fitSlider(name, range);
   if (info.defaults && !state.session) {
     // Show what a new session will start with, except what the person already changed.
@@ -347,9 +357,9 @@ async function openCamera(deviceId) {
     audio: false,
     video: {
       deviceId: deviceId ? { exact: deviceId } : undefined,
-      width: { ideal: 640 },
-      height: { ideal: 480 },
-      frameRate: { ideal: 30 },
+      // No larger or faster than the editor takes: the rest would only be encoded, sent, decoded and dropped.
+      height: { ideal: Math.max(state.camera.height, 240) },
+      frameRate: { ideal: state.camera.frame_rate },
     },
   });
 }
@@ -410,7 +420,8 @@ async function switchCamera() {
   fitSendSize();
 }
 
-/** Send no more pixels than the editor uses: scale the outgoing video down to about the output's size. */
+/** Send no more than the editor uses: scale the outgoing video down to about the output's size, and cap its
+ * frame rate and bitrate at what the server asks for (GET /v1/presets: camera). */
 async function fitSendSize() {
   const sender = state.pc?.getSenders().find((s) => s.track?.kind === 'video');
   const side = Math.min(ui.output.videoWidth, ui.output.videoHeight);
@@ -418,8 +429,15 @@ async function fitSendSize() {
   if (!sender || !side || !settings?.width || !settings?.height) return;
   const scale = Math.max(1, Math.min(settings.width, settings.height) / side);
   const parameters = sender.getParameters();
-  if (!parameters.encodings?.length || parameters.encodings[0].scaleResolutionDownBy === scale) return;
-  parameters.encodings[0].scaleResolutionDownBy = scale;
+  const encoding = parameters.encodings?.[0];
+  if (!encoding) return;
+  const wanted = {
+    scaleResolutionDownBy: scale,
+    maxFramerate: state.camera.frame_rate,
+    maxBitrate: state.camera.max_kbps * 1000,
+  };
+  if (Object.entries(wanted).every(([key, value]) => encoding[key] === value)) return;
+  Object.assign(encoding, wanted);
   await sender.setParameters(parameters).catch(() => {}); // an optimisation only; the stream works without it
 }
 

@@ -46,6 +46,15 @@ class EngineUnavailable(EngineError):
     status = 503
 
 
+class EngineBusy(EngineUnavailable):
+    """Too many prompt encodings are in flight server-wide (EngineSpec.max_prompt_encodings): retry in
+    `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class EngineFull(EngineError):
     """Every stream slot is taken (across all media workers)."""
 
@@ -107,6 +116,15 @@ class RoutedCall:
 class RoutedReply:
     status: int
     body: dict[str, Any] | None
+    retry_after: int | None = None  # seconds, for a 429 or a 503 (the Retry-After header)
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """What became of new params for a stream (EngineClient.update_stream)."""
+
+    applied: bool  # False: a newer update of the stream came before their prompt was encoded, and replaced them
+    reading: PromptReading | None  # how the engine reads the prompt the stream's frames are edited with now
 
 
 #: The trained edits a prompt is read as, heaviest first, each with its share (engines.routing): what the UNet is
@@ -162,9 +180,11 @@ class EngineClient(abc.ABC):
         """Admit a stream (EngineFull, EngineUnavailable) and encode its prompt; outcomes go to `on_outcome`."""
 
     @abc.abstractmethod
-    async def update_stream(self, session_id: str, params: EditParams) -> PromptReading | None:
-        """New params for a stream; a new prompt is encoded first, then both apply to the next frame taken.
-        Returns how the engine reads the stream's prompt now."""
+    async def update_stream(self, session_id: str, params: EditParams) -> StreamUpdate:
+        """New params for a stream; a new prompt is encoded first (off the frame path: frames go on with the old
+        conditions meanwhile), then both apply to the next frame taken. An update whose prompt is still being
+        encoded when a newer one comes is superseded: it never applies, and returns applied=False. A prompt
+        seen before (by any stream) applies at once. EngineBusy when the server's prompt encoder is full."""
 
     @abc.abstractmethod
     async def close_stream(self, session_id: str) -> None:
@@ -238,6 +258,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH",
     "EngineAddress",
     "BatchReport",
+    "EngineBusy",
     "EditorFactory",
     "EngineClient",
     "EngineError",
@@ -254,6 +275,7 @@ __all__ = [
     "RoutedCall",
     "RoutedReply",
     "StreamNotFound",
+    "StreamUpdate",
     "check_engine_spec",
     "connect_engine",
     "launch_engine",

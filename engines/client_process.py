@@ -34,6 +34,7 @@ from engines.client import (
     BatchReport,
     EditorFactory,
     EngineAddress,
+    EngineBusy,
     EngineClient,
     EngineFull,
     EngineHealth,
@@ -46,6 +47,7 @@ from engines.client import (
     RoutedReply,
     RouteHandler,
     StreamNotFound,
+    StreamUpdate,
     to_reading,
 )
 from engines.frame_table import FrameTable
@@ -461,7 +463,7 @@ class ProcessEngineClient(EngineClient):
             except Exception as exc:
                 log.exception("routed %s of session %s failed", msg.op, msg.session_id)
                 reply = RoutedReply(500, {"detail": f"internal error: {type(exc).__name__}"})
-        self.send(m.RouteReply(msg.call, reply.status, reply.body))
+        self.send(m.RouteReply(msg.call, reply.status, reply.body, reply.retry_after))
 
     async def _call(self, make: Callable[[int], msgspec.Struct]) -> m.Reply:
         if not self.welcomed and self.connected:
@@ -504,21 +506,33 @@ class ProcessEngineClient(EngineClient):
         self._capacity -= 1
         return stream
 
-    async def update_stream(self, session_id: str, params: EditParams) -> PromptReading | None:
+    async def update_stream(self, session_id: str, params: EditParams) -> StreamUpdate:
         stream = self._streams.get(session_id)
         if stream is None:
             raise StreamNotFound(f"no session {session_id!r}")
+        # The newest params are what a restarted engine takes back with the stream, applied or still encoding.
+        previous, stream.params = stream.params, params
         if not self.welcomed:
-            if params.prompt != stream.params.prompt:
+            if params.prompt != previous.prompt:
                 stream.reading = None  # read by the next engine, which is not here to say how
-            stream.params = params  # the next engine takes it with the stream
-            return stream.reading
-        reply = await self._call(lambda call: m.Update(call, session_id, params.model_dump()))
+            return StreamUpdate(True, stream.reading)  # the next engine takes them with the stream
+        try:
+            reply = await self._call(lambda call: m.Update(call, session_id, params.model_dump()))
+        except EngineUnavailable:
+            if stream.params is params:
+                stream.params = previous
+            raise
+        body = reply.body or {}
         if reply.status != 200:
+            if stream.params is params:
+                stream.params = previous
+            if reply.status == 503 and "retry_after" in body:
+                raise EngineBusy(reply.error or "the prompt encoder is busy", int(body["retry_after"]))
             raise EngineUnavailable(reply.error or f"the engine refused the update ({reply.status})")
-        stream.params = params
-        stream.reading = to_reading((reply.body or {}).get("reading"))
-        return stream.reading
+        if body.get("outcome") == "superseded":
+            return StreamUpdate(False, stream.reading)
+        stream.reading = to_reading(body.get("reading"))
+        return StreamUpdate(True, stream.reading)
 
     async def close_stream(self, session_id: str) -> None:
         stream = self._streams.pop(session_id, None)
@@ -550,4 +564,4 @@ class ProcessEngineClient(EngineClient):
         reply = await self._call(lambda n: m.Route(n, call.op, call.session_id, call.authorization, call.body))
         if reply.status == 404 and reply.body is None:
             raise StreamNotFound(reply.error or f"no session {call.session_id!r}")
-        return RoutedReply(reply.status, reply.body)
+        return RoutedReply(reply.status, reply.body, reply.retry_after)

@@ -13,6 +13,7 @@ import numpy as np
 from engines.client import (
     BatchReport,
     EditorFactory,
+    EngineBusy,
     EngineClient,
     EngineFull,
     EngineHealth,
@@ -25,8 +26,10 @@ from engines.client import (
     RoutedReply,
     RouteHandler,
     StreamNotFound,
+    StreamUpdate,
 )
 from engines.params import EditParams
+from engines.prompts import SUPERSEDED, PreparedPrompt, PromptResult
 from engines.spec import EngineSpec, ModelInfo
 from engines.worker import BatchStats, Conditions, EngineWorker, FrameOutcome, FrameSlot, PendingFrame
 
@@ -44,7 +47,8 @@ def load_and_warm(spec: EngineSpec, editor_factory: EditorFactory | None) -> Any
     params = EditParams()
     size = editor.resolution
     frame = np.full((size, size, 3), 128, np.uint8)
-    editor.edit([EditRequest(frame, editor.encode_prompt(params.prompt), params, StreamState())])
+    context = editor.prepare_prompts([params.prompt])[0].context
+    editor.edit([EditRequest(frame, context, params, StreamState())])
     return editor
 
 
@@ -82,6 +86,7 @@ class InThreadEngineClient(EngineClient):
         self.worker: EngineWorker | None = None
         self.error: str | None = None
         self._streams: dict[str, _SlotStream] = {}
+        self._updates: dict[str, int] = {}  # a stream's newest update, counted: an older one finishing is superseded
         self._reserved = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._route_handler: RouteHandler | None = None
@@ -100,7 +105,13 @@ class InThreadEngineClient(EngineClient):
             return
         finally:
             log.info("engine loader thread exited")
-        worker = EngineWorker(editor, max_batch=self.spec.max_batch, on_batch=self._batch_done)
+        worker = EngineWorker(
+            editor,
+            max_batch=self.spec.max_batch,
+            on_batch=self._batch_done,
+            prompt_jobs=self.spec.max_prompt_encodings,
+            prompt_cpu_share=self.spec.prompt_cpu_share,
+        )
         worker.start()
         self.worker = worker
         log.info("engine ready at %dpx (in-thread)", editor.resolution)
@@ -117,40 +128,68 @@ class InThreadEngineClient(EngineClient):
     async def claim(self, session_id: str) -> None:
         pass  # one media worker: nothing is routed
 
+    async def _prepare(self, worker: EngineWorker, lane: str, prompt: str, bounded: bool) -> PreparedPrompt | None:
+        """The prompt prepared on the worker's prompt thread (at once if cached); None when a newer job of the
+        lane replaced it. EngineBusy when the prompt thread is full, EngineUnavailable when encoding failed."""
+        cached = worker.editor.cached_prompt(prompt)
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PromptResult] = loop.create_future()
+
+        def done(result: PromptResult) -> None:  # on the prompt thread
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+        if not worker.prompts.submit(lane, [prompt], done, bounded):
+            raise EngineBusy(f"{worker.prompts.max_jobs} prompt encodings are in flight already: retry shortly")
+        result = await future
+        if result is SUPERSEDED:
+            return None
+        if isinstance(result, BaseException):
+            raise EngineUnavailable(f"could not encode the prompt: {result!r}")
+        return result[0]
+
     async def open_stream(self, session_id: str, params: EditParams, on_outcome: OutcomeHandler) -> EngineStream:
         worker = self._ready_worker()
         if len(self._streams) + self._reserved >= self.slots:
             raise EngineFull(f"server full: {self.slots} sessions are open")
         self._reserved += 1
         try:
-            context = await asyncio.wrap_future(worker.encode_prompt(params.prompt))
-            reading = await asyncio.wrap_future(worker.read_prompt(params.prompt))
+            prepared = await self._prepare(worker, f"open:{session_id}", params.prompt, bounded=False)
         finally:
             self._reserved -= 1
+        if prepared is None:  # only stop() supersedes an open
+            raise EngineUnavailable("the engine stopped")
         loop = asyncio.get_running_loop()
 
         def deliver(outcome: FrameOutcome) -> None:  # on the engine thread: hand over to the loop
             loop.call_soon_threadsafe(on_outcome, to_engine_outcome(outcome))
 
-        stream = _SlotStream(FrameSlot(session_id, Conditions(params, context), on_outcome=deliver), reading)
+        conditions = Conditions(params, prepared.context)
+        stream = _SlotStream(FrameSlot(session_id, conditions, on_outcome=deliver), prepared.reading)
         self._streams[session_id] = stream
         worker.add(stream.slot)
         return stream
 
-    async def update_stream(self, session_id: str, params: EditParams) -> PromptReading | None:
+    async def update_stream(self, session_id: str, params: EditParams) -> StreamUpdate:
         worker = self._ready_worker()
         stream = self._streams.get(session_id)
         if stream is None:
             raise StreamNotFound(f"no session {session_id!r}")
-        context, reading = stream.slot.conditions.context, stream.reading
-        if params.prompt != stream.slot.conditions.params.prompt:
-            context = await asyncio.wrap_future(worker.encode_prompt(params.prompt))
-            reading = await asyncio.wrap_future(worker.read_prompt(params.prompt))
-        stream.slot.set_conditions(params, context)
-        stream.reading = reading
-        return reading
+        ticket = self._updates[session_id] = self._updates.get(session_id, 0) + 1
+        current = stream.slot.conditions
+        if worker.editor.prompt_key(params.prompt) == worker.editor.prompt_key(current.params.prompt):
+            prepared: PreparedPrompt | None = PreparedPrompt(current.context, stream.reading)
+        else:
+            prepared = await self._prepare(worker, session_id, params.prompt, bounded=True)
+        if prepared is None or self._updates.get(session_id) != ticket or session_id not in self._streams:
+            return StreamUpdate(False, stream.reading)  # a newer update came first: latest wins
+        stream.slot.set_conditions(params, prepared.context)
+        stream.reading = prepared.reading
+        return StreamUpdate(True, prepared.reading)
 
     async def close_stream(self, session_id: str) -> None:
+        self._updates.pop(session_id, None)
         if self._streams.pop(session_id, None) is not None and self.worker is not None:
             self.worker.remove(session_id)
 

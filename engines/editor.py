@@ -11,6 +11,7 @@ from engines.backends.base import Backend
 from engines.client import PromptReading
 from engines.config import EditorConfig
 from engines.params import EditParams
+from engines.prompts import PreparedPrompt, PromptCache
 from engines.routing import RoutedPromptEncoder
 from engines.sampling import NoiseSchedule, SamplerLane, sample, student_start
 from engines.temporal import StreamState, hold_still
@@ -60,13 +61,22 @@ class Editor:
     first timestep (scheduler.add_noise).
     """
 
+    #: prepared prompts kept by default (EngineSpec.prompt_cache_size)
+    PROMPT_CACHE_SIZE = 256
+
     def __init__(
-        self, backend: Backend, config: EditorConfig, schedule: NoiseSchedule, prompts: CachedPromptEncoder
+        self,
+        backend: Backend,
+        config: EditorConfig,
+        schedule: NoiseSchedule,
+        prompts: CachedPromptEncoder,
+        prompt_cache_size: int = PROMPT_CACHE_SIZE,
     ) -> None:
         self.backend = backend
         self.config = config
         self.schedule = schedule
         self.prompts = prompts
+        self.prepared = PromptCache(prompt_cache_size)
         self.null_context = prompts("")  # InstructPix2Pix's 'no text' condition: the empty prompt
         self.unet_rows = 0  # UNet batch rows run so far (a skipped frame costs none)
         self.one_step = config.distilled and config.steps == 1
@@ -75,15 +85,40 @@ class Editor:
         calls = 1 if self.one_step else len(schedule.make_sampler(config.steps).timesteps)
         self.rows_per_frame = calls * (1 if config.distilled else 3)
 
+    def prompt_key(self, prompt: str) -> str:
+        """The text `prompt` encodes exactly as (the encoder's normalisation): prompts with one key share one entry
+        of the prepared-prompt cache."""
+        return self.prompts.encoder.normalise(prompt)
+
+    def cached_prompt(self, prompt: str) -> PreparedPrompt | None:
+        """The prompt prepared before (by any stream), or None: a lookup, never an encoding."""
+        return self.prepared.get(self.prompt_key(prompt))
+
+    def prepare_prompts(self, prompts: list[str]) -> list[PreparedPrompt]:
+        """Each prompt's context and reading, encoded in one pass for all the prompts not in the cache (the
+        routing's reading comes from the same pass as the context), and cached by their normalised text."""
+        keys = [self.prompt_key(p) for p in prompts]
+        found = {k: hit for k in dict.fromkeys(keys) if (hit := self.prepared.get(k)) is not None}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if missing:
+            encoder = self.prompts.encoder
+            if isinstance(encoder, RoutedPromptEncoder):
+                contexts, readings = encoder.encode_and_read(missing)
+            else:
+                contexts, readings = encoder.encode(missing), [None] * len(missing)
+            for key, context, reading in zip(missing, contexts, readings, strict=True):
+                found[key] = PreparedPrompt(context, reading)
+                self.prepared.put(key, found[key])
+        return [found[k] for k in keys]
+
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """The prompt's (tokens, dim) context; encoded once per distinct prompt, then cached."""
-        return self.prompts(prompt)
+        return self.prepare_prompts([prompt])[0].context
 
     def read_prompt(self, prompt: str) -> PromptReading | None:
         """The trained edits `prompt` is read as, heaviest first (engines.routing), or None where the model feeds
-        every prompt to the UNet as it is. Asked once per stream and per new prompt, as often as it is encoded."""
-        encoder = self.prompts.encoder
-        return encoder.read(prompt) if isinstance(encoder, RoutedPromptEncoder) else None
+        every prompt to the UNet as it is; from the same cached pass as its context."""
+        return self.prepare_prompts([prompt])[0].reading
 
     @property
     def resolution(self) -> int:

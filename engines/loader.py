@@ -89,7 +89,9 @@ def load_editor(spec: EngineSpec, prompt_encoder: PromptEncoder | None = None) -
     model = EditorModel.from_pretrained(spec.model_folder(), taesd=spec.taesd, prompt_encoder=prompt_encoder)
     model.config = spec.configure(model.config)
     backend = make_backend(model, spec, model.config.resolution)
-    editor = Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))
+    editor = Editor(
+        backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder), spec.prompt_cache_size
+    )
     log.info("engine: %s", editor.describe())
     return editor
 

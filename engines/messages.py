@@ -76,6 +76,7 @@ class RouteReply(msgspec.Struct, tag=True):
     call: int
     status: int
     body: dict[str, Any] | None
+    retry_after: int | None = None  # seconds, the Retry-After of a 429 or 503
 
 
 class Beat(msgspec.Struct, tag=True):
@@ -100,6 +101,7 @@ class Reply(msgspec.Struct, tag=True):
     status: int
     body: dict[str, Any] | None = None
     error: str | None = None
+    retry_after: int | None = None  # a routed call's Retry-After (RouteReply)
 
 
 class Want(msgspec.Struct, tag=True):

@@ -113,6 +113,9 @@ class RoutedPromptEncoder(PromptEncoder):
         self.dim = base.dim
         self.tokens = base.tokens
 
+    def normalise(self, prompt: str) -> str:
+        return self.base.normalise(prompt)
+
     def weights(self, prompts: list[str]) -> torch.Tensor:
         """(len(prompts), E) how much of each edit every prompt is read as."""
         return edit_weights(sentence_embeddings(self.base.encode(prompts)), self.table, self.routing)
@@ -120,14 +123,20 @@ class RoutedPromptEncoder(PromptEncoder):
     def read(self, prompt: str) -> PromptReading:
         """The edits `prompt` is read as, heaviest first: what a user is told their words became. Shares under
         READING_FLOOR are left out; the empty prompt is read as no edit at all."""
-        if not prompt.strip():
-            return []
-        shares = [(name, float(w)) for name, w in zip(self.table.edit_names, self.weights([prompt])[0], strict=True)]
-        return sorted((s for s in shares if s[1] >= READING_FLOOR), key=lambda s: -s[1])
+        return self.encode_and_read([prompt])[1][0]
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_and_read(prompts)[0]
+
+    def encode_and_read(self, prompts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
+        """The prompts' contexts and readings from one pass of the base encoder."""
         contexts = self.base.encode(prompts)
         weights = edit_weights(sentence_embeddings(contexts), self.table, self.routing)
         routed = torch.einsum("be,etd->btd", weights, self.table.edit_contexts)
-        empty = torch.tensor([not p.strip() for p in prompts])
-        return torch.where(empty[:, None, None], contexts, routed)
+        empty = [not p.strip() for p in prompts]
+        readings = [[] if blank else self._reading(row) for blank, row in zip(empty, weights, strict=True)]
+        return torch.where(torch.tensor(empty)[:, None, None], contexts, routed), readings
+
+    def _reading(self, weights: torch.Tensor) -> PromptReading:
+        shares = [(name, float(w)) for name, w in zip(self.table.edit_names, weights, strict=True)]
+        return sorted((s for s in shares if s[1] >= READING_FLOOR), key=lambda s: -s[1])

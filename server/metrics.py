@@ -87,6 +87,18 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.patches = Counter(
+            "streamedit_patches",
+            "PATCHes of a session answered 200, by outcome: applied, or superseded by a newer one (latest wins).",
+            ["outcome"],
+            registry=r,
+        )
+        self.patches_limited = Counter(
+            "streamedit_patches_limited",
+            "PATCHes turned away: over a session's or a client's rate (429), or the prompt encoder full (503).",
+            ["limit"],
+            registry=r,
+        )
         self.engine_losses = Counter(
             "streamedit_engine_losses", "Times this media worker lost its engine (process exit or silence).", registry=r
         )

@@ -6,16 +6,17 @@ import math
 import os
 from typing import Any, Literal
 
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from engines.client import READING_FLOOR, EngineClient, RoutedCall, RoutedReply
 from engines.params import EditParams, EditParamsPatch
+from server.camera import CameraHint
 from server.errors import ErrorBody, TooManyRequests
 from server.metrics import ServiceMetrics
-from server.rate import OfferRateLimit
+from server.rate import OfferRateLimit, TokenBuckets
 from server.sessions import SessionRegistry
 
 router = APIRouter()
@@ -30,11 +31,26 @@ _MEANINGS = {
     429: "Too many new sessions from this client address (--offers-per-minute): retry after Retry-After seconds.",
     503: "Full, or the engine is loading or restarting: retry after Retry-After seconds.",
 }
+_PATCH_MEANINGS = {
+    **_MEANINGS,
+    429: "Too many PATCHes of this session (--patch-rate a second, --patch-burst at once), or from this client "
+    "address (--client-patch-rate, --client-patch-burst): retry after Retry-After seconds. Nothing was applied.",
+    503: "The engine is loading or restarting, or the server's prompt encoder has --max-prompt-encodings in flight: "
+    "retry after Retry-After seconds. Nothing of the request was applied.",
+}
+#: the Retry-After header, as a 429 and a 503 carry it
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route answers, each with the one error body."""
-    return {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in (*codes, 413, 422)}
+def errors(*codes: int, meanings: dict[int, str] = _MEANINGS) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route answers, each with the one error body (and Retry-After where
+    a client is told when to come back)."""
+    entries: dict[int | str, dict[str, Any]] = {}
+    for code in (*codes, 413, 422):
+        entries[code] = {"model": ErrorBody, "description": meanings[code]}
+        if code in (429, 503):
+            entries[code]["headers"] = _RETRY_AFTER
+    return entries
 
 
 def session_links(session_id: str, authorization: str) -> dict[str, Any]:
@@ -72,7 +88,18 @@ class EditShare(BaseModel):
 
 
 class EditResponse(BaseModel):
-    edit: EditParams
+    edit: EditParams = Field(
+        ...,
+        description="The session's params after this request: what it asked for, over "
+        "the params the requests before it asked for.",
+    )
+    outcome: Literal["applied", "superseded"] = Field(
+        "applied",
+        description="'applied': the edited frames use these params from the next frame on. 'superseded': a newer "
+        "PATCH of the session came while this one's new prompt was being encoded, and replaced it (latest wins): "
+        "no frame used these params, and the newer PATCH, built on them, answers how it went. Frames keep the "
+        "params before both until a new prompt is encoded.",
+    )
     reading: list[EditShare] | None = Field(
         None,
         description=f"The trained edits the prompt is read as, heaviest first (shares under {READING_FLOOR} left "
@@ -91,9 +118,26 @@ def engine_of(request: Request) -> EngineClient:
 
 
 def reply(answer: RoutedReply) -> Response:
+    headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after is not None else None
     if answer.body is None:
-        return Response(status_code=answer.status)
-    return JSONResponse(answer.body, status_code=answer.status)
+        return Response(status_code=answer.status, headers=headers)
+    return JSONResponse(answer.body, status_code=answer.status, headers=headers)
+
+
+async def patch_rate_by_client(request: Request) -> None:
+    """A PATCH takes a token of its client address's bucket before its body is validated (429 past it). Counted
+    by the media worker it reaches; each session's own bucket is counted where the session lives."""
+    limit: TokenBuckets | None = request.app.state.patch_limit
+    if limit is None:
+        return
+    wait = limit.take(request.client.host if request.client else "unknown")
+    if wait > 0:
+        request.app.state.metrics.patches_limited.labels("client").inc()
+        rate = request.app.state.settings.client_patch_rate
+        raise TooManyRequests(
+            f"too many PATCHes from this address: at most {rate:g} a second",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
 
 @router.get("/healthz", tags=["ops"])
@@ -137,10 +181,18 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/presets", tags=["sessions"])
 async def presets(request: Request) -> dict[str, object]:
-    """The loaded model's edits as one-click prompts, the params a session starts with, and the guidance ranges
-    it was trained on (beyond them an edit extrapolates)."""
+    """The loaded model's edits as one-click prompts, the params a session starts with, the guidance ranges
+    it was trained on (beyond them an edit extrapolates), and the camera a session needs (`camera`: the shorter
+    side of the frames the editor takes, the most frames a second and kbit/s worth sending)."""
     info = engine_of(request).info
-    return {"presets": info.presets, "defaults": info.default_params.model_dump(), "ranges": info.guidance_ranges}
+    settings = request.app.state.settings
+    camera = CameraHint(info.resolution, settings.camera_max_fps, settings.camera_max_kbps)
+    return {
+        "presets": info.presets,
+        "defaults": info.default_params.model_dump(),
+        "ranges": info.guidance_ranges,
+        "camera": camera.as_json(),
+    }
 
 
 @router.post(
@@ -179,7 +231,11 @@ async def get_session(request: Request, session_id: str, authorization: str | No
 
 
 @router.patch(
-    "/v1/sessions/{session_id}", response_model=EditResponse, tags=["sessions"], responses=errors(401, 403, 404, 503)
+    "/v1/sessions/{session_id}",
+    response_model=EditResponse,
+    tags=["sessions"],
+    responses=errors(401, 403, 404, 429, 503, meanings=_PATCH_MEANINGS),
+    dependencies=[Depends(patch_rate_by_client)],
 )
 async def patch_session(
     request: Request,
@@ -187,7 +243,9 @@ async def patch_session(
     patch: EditParamsPatch = Body(...),  # noqa: B008 - FastAPI's way to declare a body
     authorization: str | None = Header(None),
 ) -> Response:
-    """Change some edit params; they take effect on the next edited frame."""
+    """Change some edit params; they take effect on the next edited frame. A new prompt is encoded first, while
+    frames keep the old one (a prompt any session used before applies at once); a PATCH that a newer one replaces
+    meanwhile answers 200 with outcome 'superseded'. Rate-limited per session and per client address."""
     body = patch.model_dump(exclude_unset=True)
     return reply(await registry_of(request).call(RoutedCall("patch", session_id, authorization, body)))
 

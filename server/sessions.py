@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -15,6 +16,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from pydantic import ValidationError
 
 from engines.client import (
+    EngineBusy,
     EngineClient,
     EngineError,
     EngineFull,
@@ -25,6 +27,7 @@ from engines.client import (
     StreamNotFound,
 )
 from engines.params import EditParams, EditParamsPatch
+from server.camera import cap_video_bitrate
 from server.errors import (
     BadOffer,
     Forbidden,
@@ -39,6 +42,7 @@ from server.ice import keep_reachable_candidates, rtc_configuration
 from server.jitter import apply_receive_rule
 from server.media import EditedVideoTrack, FrameClock, read_newest
 from server.metrics import ServiceMetrics
+from server.rate import TokenBuckets
 from server.settings import Settings
 from server.stats import SessionStats
 
@@ -135,14 +139,25 @@ class Session:
         self.stats.stage_done("encode", seconds)
         self._registry.metrics.stage.labels("encode").observe(seconds)
 
-    async def update(self, patch: EditParamsPatch, engine: EngineClient) -> EditParams:
-        """Apply a partial update; the engine encodes a new prompt before both take effect together."""
-        async with self._update_lock:
-            params = patch.apply(self.params)
-            if self.stream is not None:  # else the stream opens with them when the peer connects
-                await engine.update_stream(self.id, params)
-            self.params = params
-            return params
+    async def update(self, patch: EditParamsPatch, engine: EngineClient) -> tuple[EditParams, bool]:
+        """Apply a partial update over the newest params asked for; the engine encodes a new prompt (frames go on
+        with the old one meanwhile) before both take effect together. Returns the params and whether they
+        applied: False when a newer update came while this one's prompt was encoded (latest wins; the newer one
+        was built on these params, so no field of them is lost)."""
+        params = patch.apply(self.params)
+        previous, self.params = self.params, params  # the next PATCH builds on these, applied or not yet
+        if self.stream is None:
+            async with self._update_lock:  # activate() may be opening the stream with the params before these
+                pass
+            if self.stream is None:
+                return params, True  # the stream opens with them when the peer connects
+        try:
+            outcome = await engine.update_stream(self.id, params)
+        except EngineError:
+            if self.params is params:  # refused, and nothing newer builds on it
+                self.params = previous
+            raise
+        return params, outcome.applied
 
     async def close(self) -> None:
         if self.closed:
@@ -174,6 +189,8 @@ class SessionRegistry:
         self.metrics = metrics
         self._sessions: dict[str, Session] = {}
         self._negotiating = 0
+        # PATCHes per session, counted where the session lives (a call routed from another worker counts too)
+        self.patch_limit = TokenBuckets(settings.patch_rate, settings.patch_burst) if settings.patch_rate else None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -284,7 +301,8 @@ class SessionRegistry:
             raise BadOffer(f"the offer has {videos} video sections: send exactly one camera track")
         pc.addTrack(session.output)
         await pc.setLocalDescription(await pc.createAnswer())
-        return pc.localDescription
+        answer = pc.localDescription
+        return RTCSessionDescription(cap_video_bitrate(answer.sdp, self.settings.camera_max_kbps), answer.type)
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -325,22 +343,38 @@ class SessionRegistry:
             if call.op == "get":
                 return RoutedReply(200, session.describe())
             if call.op == "patch":
-                params = await session.update(EditParamsPatch.model_validate(call.body), self.engine)
-                return RoutedReply(200, {"edit": params.model_dump(), "reading": session.read_as()})
+                wait = self.patch_limit.take(session.id) if self.patch_limit is not None else 0.0
+                if wait > 0:
+                    self.metrics.patches_limited.labels("session").inc()
+                    return RoutedReply(
+                        429,
+                        {"detail": f"too many changes to this session: at most {self.settings.patch_rate:g} a second"},
+                        retry_after=max(1, math.ceil(wait)),
+                    )
+                params, applied = await session.update(EditParamsPatch.model_validate(call.body), self.engine)
+                outcome = "applied" if applied else "superseded"
+                self.metrics.patches.labels(outcome).inc()
+                return RoutedReply(200, {"edit": params.model_dump(), "reading": session.read_as(), "outcome": outcome})
             await self.close(call.session_id)
             return RoutedReply(204, None)
         except ServiceError as exc:
             return RoutedReply(exc.status, {"detail": safe_text(exc.message, 500)})
         except ValidationError as exc:  # a routed body is validated again where the session lives
             return RoutedReply(422, {"detail": describe_invalid(exc.errors())})
+        except EngineBusy as exc:
+            self.metrics.patches_limited.labels("server").inc()
+            return RoutedReply(exc.status, {"detail": str(exc)}, retry_after=exc.retry_after)
         except EngineError as exc:
-            return RoutedReply(exc.status, {"detail": str(exc)})
+            retry = self.settings.retry_after_s if exc.status == 503 else None
+            return RoutedReply(exc.status, {"detail": str(exc)}, retry_after=retry)
 
     async def close(self, session_id: str) -> bool:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return False
         await self.engine.close_stream(session_id)  # its stream, or its claim
+        if self.patch_limit is not None:
+            self.patch_limit.forget(session_id)
         await session.close()
         self.metrics.forget_session(session_id)
         self._count()

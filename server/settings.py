@@ -135,6 +135,52 @@ class Settings(BaseSettings):
     offer_burst: int = Field(
         5, ge=1, le=1000, description="Offers a client may open at once under --offers-per-minute."
     )
+    patch_rate: float = Field(
+        10.0,
+        ge=0,
+        description="PATCHes a second allowed per session, counted where it lives (429 + Retry-After beyond); 0: "
+        "no limit. Every PATCH of a new prompt costs a text encoding.",
+    )
+    patch_burst: int = Field(20, ge=1, le=10_000, description="PATCHes a session may send at once.")
+    client_patch_rate: float = Field(
+        40.0,
+        ge=0,
+        description="PATCHes a second allowed per client address and media worker, whatever session they change "
+        "(429 + Retry-After beyond; one address may hold several sessions); 0: no limit.",
+    )
+    client_patch_burst: int = Field(80, ge=1, le=100_000, description="PATCHes a client address may send at once.")
+    prompt_cache_size: int = Field(
+        EngineSpec.model_fields["prompt_cache_size"].default,
+        ge=1,
+        le=100_000,
+        description=EngineSpec.model_fields["prompt_cache_size"].description,
+    )
+    max_prompt_encodings: int = Field(
+        EngineSpec.model_fields["max_prompt_encodings"].default,
+        ge=1,
+        le=1024,
+        description=EngineSpec.model_fields["max_prompt_encodings"].description,
+    )
+    prompt_cpu_share: float = Field(
+        EngineSpec.model_fields["prompt_cpu_share"].default,
+        gt=0,
+        le=1,
+        description=EngineSpec.model_fields["prompt_cpu_share"].description,
+    )
+    camera_max_kbps: int = Field(
+        1000,
+        ge=50,
+        le=100_000,
+        description="Most camera video a session may send, in kbit/s: the cap in the SDP answer (b=AS, b=TIAS), "
+        "which browsers honour. The editor's square needs far less than a 720p or 1080p camera sends.",
+    )
+    camera_max_fps: int = Field(
+        30,
+        ge=1,
+        le=120,
+        description="Camera frame rate the page asks for at most; the engine takes at most one frame a batch per "
+        "session anyway, so frames beyond it are only decoded and dropped.",
+    )
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body accepted (413 beyond); an SDP offer is a few KiB."
     )
@@ -166,6 +212,9 @@ class Settings(BaseSettings):
             cache_dir=self.cache_dir,
             cuda_graph=self.cuda_graph,
             precision=self.precision,
+            prompt_cache_size=self.prompt_cache_size,
+            max_prompt_encodings=self.max_prompt_encodings,
+            prompt_cpu_share=self.prompt_cpu_share,
         )
 
     def host_addresses(self) -> list[str] | None:

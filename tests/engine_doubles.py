@@ -24,11 +24,14 @@ class SlowedEditor:
     def resolution(self) -> int:
         return self.inner.resolution
 
-    def encode_prompt(self, prompt: str) -> Any:
-        return self.inner.encode_prompt(prompt)
+    def prepare_prompts(self, prompts: list[str]) -> Any:
+        return self.inner.prepare_prompts(prompts)
 
-    def read_prompt(self, prompt: str) -> Any:
-        return self.inner.read_prompt(prompt)
+    def cached_prompt(self, prompt: str) -> Any:
+        return self.inner.cached_prompt(prompt)
+
+    def prompt_key(self, prompt: str) -> str:
+        return self.inner.prompt_key(prompt)
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         started = time.perf_counter()

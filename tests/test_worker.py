@@ -10,6 +10,7 @@ import torch
 
 from engines.editor import EditRequest, EditResult
 from engines.params import EditParams
+from engines.prompts import PreparedPrompt
 from engines.worker import Conditions, EngineWorker, FrameOutcome, FrameSlot, OldestFirst, PendingFrame
 
 
@@ -23,8 +24,8 @@ class RecordingEditor:
         self.hold = threading.Event()
         self.hold.set()
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        return torch.zeros(2, 4)
+    def prepare_prompts(self, prompts: list[str]) -> list[PreparedPrompt]:
+        return [PreparedPrompt(torch.zeros(2, 4), None) for _ in prompts]
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         self.hold.wait(5)
