@@ -94,7 +94,11 @@ async def test_latency_stays_bounded_when_the_engine_is_slower_than_the_camera(c
         late_all = session.latencies(since=start + 10)
         assert len(early) > 20 and len(late_all) > 20
         p95_early, p95_late = np.percentile(early, 95), np.percentile(late_all, 95)
-        assert p95_late <= 1.2 * p95_early, f"latency grew: p95 {p95_early * 1000:.0f} → {p95_late * 1000:.0f} ms"
+        # A queue behind an engine at half the camera's rate grows by half a second every second, so
+        # ten seconds on it would stand seconds above the start; the slack only absorbs a busy CI
+        # machine's scheduling noise (p95 200 → 245 ms was seen there with no queue at all).
+        assert p95_late <= 1.5 * p95_early + 0.1, f"latency grew: p95 {p95_early * 1000:.0f} → {p95_late * 1000:.0f} ms"
+        assert np.median(late_all) <= 1.3 * np.median(early) + 0.05, "the typical frame's latency grew"
         info = await session.info()
         assert info["stats"]["dropped"] > 0, "a slow engine must drop stale frames, not queue them"
 
