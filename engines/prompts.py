@@ -97,7 +97,7 @@ class PromptWorker:
         self,
         prepare: Callable[[list[str]], list[PreparedPrompt]],
         max_jobs: int = 8,
-        cpu_share: float = 0.25,
+        cpu_share: float = 0.1,
         name: str = "prompt-worker",
     ) -> None:
         if max_jobs < 1 or not 0 < cpu_share <= 1:

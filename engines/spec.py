@@ -68,7 +68,7 @@ class EngineSpec(BaseModel):
         "wins); a PATCH of a new prompt past it gets 503 with Retry-After.",
     )
     prompt_cpu_share: float = Field(
-        0.25,
+        0.1,
         gt=0,
         le=1,
         description="Most of one thread's time the prompt encoder may take (it rests after each encoding, at a "

@@ -254,7 +254,7 @@ class EngineWorker:
         policy: BatchPolicy | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         prompt_jobs: int = 8,
-        prompt_cpu_share: float = 0.25,
+        prompt_cpu_share: float = 0.1,
     ) -> None:
         self.core = EngineCore(editor, max_batch, policy)
         self.on_batch = on_batch or (lambda stats: None)

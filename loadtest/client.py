@@ -209,6 +209,7 @@ class EditSession:
     receive_rule: str = "marker"  # one of server.jitter.RECEIVE_RULES
     session_id: str = ""
     token: str = ""
+    answer_sdp: str = ""  # the server's SDP answer, as it came
     edit: dict[str, Any] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     images: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (index in received, RGB)
@@ -243,6 +244,7 @@ class EditSession:
             return response
         data = response.json()
         self.session_id, self.token, self.edit = data["session_id"], data["token"], data["edit"]
+        self.answer_sdp = data["sdp"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="answer"))
         track = await asyncio.wait_for(got_track, 10)
         self._reader = asyncio.create_task(self._read(track))

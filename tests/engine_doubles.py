@@ -78,3 +78,30 @@ class GatedUntilFile:
         while not self.path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         return load_editor(spec)
+
+
+class SlowPromptsEditor(SlowedEditor):
+    """The real editor whose prompt encodings take `seconds` more each, and which records the prompts it encoded
+    (cached ones are found without an encoding, so they are not recorded)."""
+
+    def __init__(self, editor: Any, seconds: float) -> None:
+        super().__init__(editor, 0.0)
+        self.prompt_seconds = seconds
+        self.encoded: list[str] = []
+
+    def prepare_prompts(self, prompts: list[str]) -> Any:
+        new = [p for p in prompts if self.inner.cached_prompt(p) is None]
+        if new:
+            time.sleep(self.prompt_seconds)
+            self.encoded += new
+        return self.inner.prepare_prompts(prompts)
+
+
+class SlowPrompts:
+    """Factory: the shipped editor, each prompt encoding `seconds` slower (a test sees what waits for it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, spec: EngineSpec) -> SlowPromptsEditor:
+        return SlowPromptsEditor(load_editor(spec), self.seconds)
