@@ -51,6 +51,37 @@ def served(port: int, flags: Sequence[str] = ()) -> Iterator[subprocess.Popen[by
         server.wait(60)
 
 
+def process_tree_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by `root_pid` and every process below it, by comm ("se-engine",
+    "se-media-0", ...; the root as "server"), read from /proc: which of the server's processes pays for a load."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:  # a process that ended while we looked
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        stats[int(entry.name)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / tick)
+    below = {root_pid}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, _, _) in stats.items():
+            if ppid in below and pid not in below:
+                below.add(pid)
+                grew = True
+    out: dict[str, float] = {}
+    for pid in below:
+        if pid in stats:
+            name = "server" if pid == root_pid else stats[pid][1]
+            out[name] = out.get(name, 0.0) + stats[pid][2]
+    return out
+
+
 async def window_figures(clients: Sequence[Any], start: float, end: float) -> tuple[list[float], list[float]]:
     """Distinct FPS of each load-test client (loadtest.client.EditSession) in [start, end), and the
     capture-to-receive milliseconds of all their distinct frames received since `start`."""
@@ -95,11 +126,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: the instruction sets that decide which CPU path is fast (this workplace's machines differ in exactly these)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    """Which of ISA_FLAGS this CPU has, from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on, including how busy the machine was (it may be shared)."""
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -183,7 +231,8 @@ def machine_markdown(machine: dict[str, Any], command: str) -> str:
     load_end = f"; at the end {', '.join(f'{x:.2f}' for x in end)}" if end else ""
     return (
         f"- date: {dt.date.today().isoformat()}\n"
-        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']} with "
+        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}; "
+        f"{', '.join(machine.get('cpu_isa') or ['ISA unknown'])}), torch {machine['torch']} with "
         f"{machine['torch_threads']} threads, Python {machine['python']}\n"
         f"- load average at the start: {load}{load_end} (a shared machine: absolute times are noisy, "
         "ratios were measured round-robin in one run)\n"

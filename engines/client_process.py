@@ -78,6 +78,9 @@ def _engine_main(*args: Any) -> None:
     # KeyboardInterrupt traceback and have every worker log it as lost.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from engines.core_process import run_engine
+    from streamedit.process_name import name_this_process
+
+    name_this_process("se-engine")
 
     run_engine(*args)
 

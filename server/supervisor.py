@@ -66,6 +66,9 @@ def run_media_worker(settings: Settings, address: EngineAddress, index: int) -> 
     """A media worker process: the app on its own event loop, connected to the shared engine."""
     from server.app import create_app
     from server.cli import configure_logging
+    from streamedit.process_name import name_this_process
+
+    name_this_process(f"se-media-{index}")
 
     configure_logging(settings, f"media[{index}]")
     engine = connect_engine(settings.engine_spec(), address)
