@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.client import PromptReading
+from engines.spec import PROMPT_CPU_SHARE
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ class PromptWorker:
     Jobs wait in lanes (one a stream): a job submitted to a lane whose job has not started replaces it, and the
     replaced job is answered SUPERSEDED, so a stream storming new prompts costs at most one encoding in progress
     and one waiting. `max_jobs` bounds the jobs queued or running across all lanes (past it, submit says no).
-    The thread runs at a lower priority (nice +10) and, after a job that took t seconds, rests until the jobs
-    have used no more than `cpu_share` of its time: text encoding may slow the frames, never take them over.
+    The thread runs at a lower priority (nice +10), on one intra-op thread, and, after a job that took t seconds,
+    rests until the jobs have used no more than `cpu_share` of its time: text encoding may slow the frames,
+    never take them over.
     `done` is called on this thread, with the result; the caller moves it to where it is needed.
     """
 
@@ -97,7 +99,7 @@ class PromptWorker:
         self,
         prepare: Callable[[list[str]], list[PreparedPrompt]],
         max_jobs: int = 8,
-        cpu_share: float = 0.1,
+        cpu_share: float = PROMPT_CPU_SHARE,
         name: str = "prompt-worker",
     ) -> None:
         if max_jobs < 1 or not 0 < cpu_share <= 1:
@@ -152,6 +154,10 @@ class PromptWorker:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
         except (OSError, AttributeError):  # pragma: no cover - not Linux
             log.info("prompt worker: could not lower its priority")
+        # One intra-op thread: with OpenMP the setting is this thread's own (the frames keep theirs), and an
+        # encoder team as wide as the frames' would oversubscribe the cores and stall every batch's parallel
+        # regions behind its spinning threads; a prompt is small enough that one core encodes it in time.
+        torch.set_num_threads(1)
         try:
             while True:
                 with self._cond:

@@ -13,6 +13,12 @@ from engines.config import DEFAULT_MODEL_DIR, MAX_SAMPLER_STEPS, EditorConfig
 from engines.params import EditParams
 from engines.run_options import require_cuda_graph_on_torch_cuda, require_int8_on_onnxruntime
 
+#: the prompt encoder's share of one thread. A storm of new prompts keeps it busy back to back, so this is the
+#: most a storm takes from the frames: 0.1 cost a victim session ~10 % of its frames on a 2-CPU AVX2 machine
+#: (bench/bench_isolation.py), 0.05 about half that; a single prompt change still applies at once (one
+#: encoding, ~30 ms there), only prompts queued behind others wait for the rest (up to 19x an encoding).
+PROMPT_CPU_SHARE = 0.05
+
 BackendName = Literal["torch", "onnxruntime", "tensorrt"]
 PrecisionName = Literal["auto", "fp32", "int8"]
 PRESETS_NAME = "presets.json"
@@ -68,7 +74,7 @@ class EngineSpec(BaseModel):
         "wins); a PATCH of a new prompt past it gets 503 with Retry-After.",
     )
     prompt_cpu_share: float = Field(
-        0.1,
+        PROMPT_CPU_SHARE,
         gt=0,
         le=1,
         description="Most of one thread's time the prompt encoder may take (it rests after each encoding, at a "

@@ -19,7 +19,7 @@ import torch
 from engines.editor import EditRequest, EditResult
 from engines.params import EditParams
 from engines.prompts import PreparedPrompt, PromptWorker
-from engines.spec import DEFAULT_MAX_BATCH
+from engines.spec import DEFAULT_MAX_BATCH, PROMPT_CPU_SHARE
 from engines.temporal import StreamState
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class EngineWorker:
         policy: BatchPolicy | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         prompt_jobs: int = 8,
-        prompt_cpu_share: float = 0.1,
+        prompt_cpu_share: float = PROMPT_CPU_SHARE,
     ) -> None:
         self.core = EngineCore(editor, max_batch, policy)
         self.on_batch = on_batch or (lambda stats: None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from server.rate import OfferRateLimit, TokenBuckets
 from server.routes import router
 from server.sessions import SessionRegistry
 from server.settings import Settings
+from server.worker_headers import WorkerHeaders
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,9 @@ def create_app(
             exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))})
         return await http_exception_handler(request, exc)
 
-    @app.middleware("http")
-    async def name_the_worker(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        response.headers["X-StreamEdit-Worker"] = worker_name
-        if settings.replica:
-            response.headers["X-StreamEdit-Replica"] = settings.replica
-        return response
-
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # Outermost (added last), so even BodyLimit's 413 says which worker answered.
+    app.add_middleware(WorkerHeaders, worker=worker_name, replica=settings.replica or "")
     app.include_router(router)
     if settings.static_dir.is_dir():
         # The page's files, tried only for requests no API route matches, not even by path alone (a mount at "/"

@@ -78,6 +78,12 @@ def serve(argv: list[str] | None = None) -> int:
     return 0
 
 
+def drop_rate_limited(record: logging.LogRecord) -> bool:
+    """False for uvicorn's access-log line of a 429 answer (its args end in the status code)."""
+    args = record.args
+    return not (isinstance(args, tuple) and args and args[-1] == 429)
+
+
 def configure_logging(settings: Settings, process: str) -> None:
     """One log format for every process of the service, each line naming its process."""
     logging.basicConfig(
@@ -85,3 +91,6 @@ def configure_logging(settings: Settings, process: str) -> None:
     )
     if settings.log_level != "debug":
         logging.getLogger("aioice").setLevel(logging.WARNING)  # every ICE check at INFO drowns the service log
+        # A client over its rate gets a 429 for every request it sends; logging each would hand it the log too.
+        # streamedit_patches_limited counts the PATCHes among them instead.
+        logging.getLogger("uvicorn.access").addFilter(drop_rate_limited)
