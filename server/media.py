@@ -66,10 +66,15 @@ FrameSink = Callable[[Callable[[], np.ndarray], float, FrameClock], None]
 
 
 async def read_newest(
-    track: MediaStreamTrack, offer: FrameSink, size: int, refuse: Callable[[str], None] = lambda why: None
+    track: MediaStreamTrack,
+    offer: FrameSink,
+    size: int,
+    refuse: Callable[[str], None] = lambda why: None,
+    decoded: Callable[[float, int, int], None] = lambda at, width, height: None,
 ) -> None:
     """Drain `track` as fast as it delivers, handing each frame on (with a converter that runs only if the
-    engine takes it); the engine stream keeps only the newest.
+    engine takes it); the engine stream keeps only the newest. `decoded` hears of every frame the camera's
+    decoder produced (time, width, height), refused ones too: each cost its decoding.
 
     aiortc's receive queue is unbounded: a consumer slower than the camera would otherwise build
     seconds of latency. Returns when the track ends.
@@ -84,6 +89,7 @@ async def read_newest(
             return
         if not isinstance(frame, av.VideoFrame):
             continue
+        decoded(time.monotonic(), frame.width, frame.height)
         why = refusal(frame)
         if why is not None:
             refuse(why)

@@ -99,6 +99,12 @@ class ServiceMetrics:
             ["limit"],
             registry=r,
         )
+        self.cameras_over_budget = Counter(
+            "streamedit_cameras_over_budget",
+            "Times a session's camera sent more pixels a second than its hint allows, for seconds on end, and had "
+            "its decoding lowered in priority (server/camera.py).",
+            registry=r,
+        )
         self.engine_losses = Counter(
             "streamedit_engine_losses", "Times this media worker lost its engine (process exit or silence).", registry=r
         )

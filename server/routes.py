@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from engines.client import READING_FLOOR, EngineClient, RoutedCall, RoutedReply
 from engines.params import EditParams, EditParamsPatch
-from server.camera import CameraHint
+from server.camera import camera_hint
 from server.errors import ErrorBody, TooManyRequests
 from server.metrics import ServiceMetrics
 from server.rate import OfferRateLimit, TokenBuckets
@@ -185,8 +185,7 @@ async def presets(request: Request) -> dict[str, object]:
     it was trained on (beyond them an edit extrapolates), and the camera a session needs (`camera`: the shorter
     side of the frames the editor takes, the most frames a second and kbit/s worth sending)."""
     info = engine_of(request).info
-    settings = request.app.state.settings
-    camera = CameraHint(info.resolution, settings.camera_max_fps, settings.camera_max_kbps)
+    camera = camera_hint(request.app.state.settings, info.resolution)
     return {
         "presets": info.presets,
         "defaults": info.default_params.model_dump(),

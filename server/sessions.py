@@ -27,7 +27,7 @@ from engines.client import (
     StreamNotFound,
 )
 from engines.params import EditParams, EditParamsPatch
-from server.camera import cap_video_bitrate
+from server.camera import CameraBudget, CameraHint, DecodePriority, camera_hint, cap_video_bitrate
 from server.errors import (
     BadOffer,
     Forbidden,
@@ -83,8 +83,32 @@ class Session:
                 return
             self.stream = stream
 
-    def start_reading(self, track: MediaStreamTrack, size: int) -> None:
-        self._reader = asyncio.ensure_future(read_newest(track, self._offer, size, self._refused))
+    def start_reading(self, track: MediaStreamTrack, hint: CameraHint, receiver: object | None) -> None:
+        """Read the camera `track`, held to `hint`'s budget through `receiver`'s decoder thread."""
+        self._camera_budget = CameraBudget(hint)
+        self._decode_priority = DecodePriority(receiver)
+        reader = read_newest(track, self._offer, hint.height, self._refused, self._decoded)
+        self._reader = asyncio.ensure_future(reader)
+
+    def _decoded(self, at: float, width: int, height: int) -> None:
+        over = self._camera_budget.add(at, width, height)
+        if over is None:
+            return
+        lowered = self._decode_priority.lower(over)
+        self.stats.camera_over_budget = over
+        if over:
+            self._registry.metrics.cameras_over_budget.inc()
+        log.warning(
+            "session %s: camera %s its budget of %.1f Mpx/s (%dx%d now)%s",
+            self.id,
+            "over" if over else "back within",
+            self._camera_budget.pixels_per_s / 1e6,
+            width,
+            height,
+            (": its decoding runs at low priority" if over else ": its decoding back at normal priority")
+            if lowered
+            else "",
+        )
 
     def _refused(self, why: str) -> None:
         self.last_camera_at = time.monotonic()
@@ -274,12 +298,13 @@ class SessionRegistry:
 
     async def _negotiate(self, session: Session, sdp: str) -> RTCSessionDescription:
         pc = session.pc
-        size = self.engine.info.resolution
+        hint = camera_hint(self.settings, self.engine.info.resolution)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
-                session.start_reading(track, size)
+                receiver = next((r for r in pc.getReceivers() if r.track is track), None)
+                session.start_reading(track, hint, receiver)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:

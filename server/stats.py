@@ -25,6 +25,7 @@ class SessionStats:
         self.unedited = 0  # frames sent back unedited because the engine was down (restarting)
         self.refused = 0  # camera frames of an absurd size or shape, never converted
         self.last_batch_size = 0
+        self.camera_over_budget = False  # sending more pixels a second than asked: decoded at low priority
         # pts of the first frame sent back, in the receiver's timeline (pts counted from the first camera
         # frame received): with it a client can tell which of its frames each edited frame came from,
         # since aiortc re-bases RTP timestamps at every hop.
@@ -94,6 +95,7 @@ class SessionStats:
             "errors": self.errors,
             "unedited": self.unedited,
             "refused": self.refused,
+            "camera_over_budget": self.camera_over_budget,
             "edited_fps": round(self.edited_fps(), 2),
             "latency_ms_p50": self.latency_ms(50),
             "latency_ms_p95": self.latency_ms(95),

@@ -7,13 +7,19 @@ clip, the engine in its own process (and in-thread where the rules are the same)
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 import time
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from engines.prompts import SUPERSEDED, PreparedPrompt, PromptCache, PromptResult, PromptWorker
+from server.camera import CameraBudget, CameraHint, DecodePriority
+from server.cli import drop_rate_limited
 from tests.conftest import running_server, wait_for
 from tests.engine_doubles import SlowPrompts
 
@@ -192,3 +198,87 @@ async def test_a_client_address_over_its_rate_gets_429_before_its_body_is_valida
         assert "Retry-After" in patch["429"]["headers"] and "Retry-After" in patch["503"]["headers"]
         presets = (await srv.http.get(f"{srv.url}/v1/presets")).json()
         assert presets["camera"] == {"height": 256, "frame_rate": 30, "max_kbps": 1000}
+
+
+def test_a_camera_goes_over_its_budget_only_after_seconds_over_it_and_back_only_after_seconds_within() -> None:
+    hint = CameraHint(height=240, frame_rate=30, max_kbps=1000)
+    budget = CameraBudget(hint, tolerance=1.5, window_s=1.0, over_s=2.0, under_s=5.0)
+    assert budget.pixels_per_s == pytest.approx(1.5 * 240 * (240 * 16 / 9) * 30)
+    changes = []
+    t = 0.0
+    for _ in range(10 * 30):  # 10 s of 426x240 at 30 FPS: within
+        changes.append(budget.add(t, 426, 240))
+        t += 1 / 30
+    assert not any(c is not None for c in changes) and not budget.over
+    went_over = None
+    for k in range(5 * 60):  # 1280x720 at 60 FPS
+        if budget.add(t, 1280, 720) is True:
+            went_over = k / 60
+        t += 1 / 60
+    assert budget.over and went_over is not None and 2.0 <= went_over <= 3.2, went_over
+    came_back = None
+    for k in range(10 * 30):
+        if budget.add(t, 426, 240) is False:
+            came_back = k / 30
+        t += 1 / 30
+    assert not budget.over and came_back is not None and 5.0 <= came_back <= 6.2, came_back
+
+
+def test_the_decode_priority_lever_lowers_and_restores_the_decoder_thread_and_is_harmless_without_one() -> None:
+    class Receiver:  # stands for aiortc's RTCRtpReceiver: only where its private thread is kept matters
+        pass
+
+    stop = threading.Event()
+    receiver = Receiver()
+    thread = threading.Thread(target=stop.wait, name="video-decoder")
+    thread.start()
+    receiver._RTCRtpReceiver__decoder_thread = thread  # type: ignore[attr-defined]
+    try:
+        lever = DecodePriority(receiver)
+        assert lever.lower(True) and os.getpriority(os.PRIO_PROCESS, thread.native_id) == DecodePriority.LOW
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0, "only that thread is lowered"
+        if lever.lower(False):  # needs CAP_SYS_NICE or RLIMIT_NICE: a server without stays low (said so)
+            assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert not DecodePriority(Receiver()).lower(True)
+
+
+@pytest.mark.slow
+async def test_a_camera_over_its_budget_is_decoded_at_low_priority_and_keeps_streaming(clip_frames) -> None:
+    # camera_max_fps 10 makes the budget 1.5 x 256 x 455 x 10 = 1.75 Mpx/s: 160x120 at 30 FPS (0.58) is
+    # within it, 320x240 at 30 FPS (2.3) over it, so both cameras stay cheap for the test machine.
+    small = [np.ascontiguousarray(f[::2, ::2]) for f in clip_frames]
+    async with running_server(camera_max_fps=10) as srv:
+        within = await srv.open_session(small)
+        over = await srv.open_session(clip_frames)
+        sessions = {s.session_id: srv.registry.get(s.session_id) for s in (within, over)}
+
+        def over_budget(client: Any) -> bool:
+            return sessions[client.session_id].stats.camera_over_budget
+
+        await wait_for(lambda: over_budget(over), 20, "the 320x240 camera over its budget")
+        await asyncio.sleep(1.0)
+        assert not over_budget(within)
+        info = await over.info()
+        assert info["stats"]["camera_over_budget"] is True and info["stats"]["state"] == "connected", info
+
+        def decoder_nice(client: Any) -> int:
+            receiver = sessions[client.session_id].pc.getReceivers()[0]
+            return os.getpriority(os.PRIO_PROCESS, receiver._RTCRtpReceiver__decoder_thread.native_id)
+
+        assert decoder_nice(over) == DecodePriority.LOW and decoder_nice(within) == 0
+        frames = len(over.received)
+        await wait_for(lambda: len(over.received) >= frames + 10, 20, "frames after it went over")
+        metrics = (await srv.http.get(f"{srv.url}/metrics")).text
+        assert "streamedit_cameras_over_budget_total 1.0" in metrics
+
+
+def test_a_storm_of_429s_does_not_flood_the_access_log() -> None:
+    def access(status: int) -> logging.LogRecord:  # as uvicorn.access logs a request
+        args = ("127.0.0.1:5000", "PATCH", "/v1/sessions/x", "1.1", status)
+        return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None)
+
+    assert not drop_rate_limited(access(429))
+    assert drop_rate_limited(access(200)) and drop_rate_limited(access(503))
