@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.frame_table import FrameTableLayout
 from engines.params import EditParams
-from engines.spec import DEFAULT_MAX_BATCH, MAX_SAMPLER_STEPS, EngineSpec, ModelInfo, PrecisionName
+from engines.spec import DEFAULT_MAX_BATCH, MAX_SAMPLER_STEPS, BackendName, EngineSpec, ModelInfo, PrecisionName
 
 if TYPE_CHECKING:
     from engines.client_process import EngineLauncher
@@ -271,6 +271,7 @@ __all__ = [
     "EngineUnavailable",
     "MAX_SAMPLER_STEPS",
     "ModelInfo",
+    "BackendName",
     "PrecisionName",
     "RoutedCall",
     "RoutedReply",

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engines.autoencoder import CodecDecoder, CodecEncoder
+from engines.backends.base import FRAMES_INPUT  # noqa: F401 - also named here, beside the other input names
 from engines.model import EditorModel
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ INPUT_NAMES = {
     "unet": ["sample", "timestep", "encoder_hidden_states", "guidance"],
     "decoder": ["latents"],
 }
-#: The decoder's second input when it has a frame skip: the encoded images, (B, 3, H, W) in [-1, 1].
-FRAMES_INPUT = "frames"
 OUTPUT_NAMES = {"encoder": ["latents"], "unet": ["prediction"], "decoder": ["images"]}
 
 

@@ -39,17 +39,26 @@ def make_backend(model: EditorModel, spec: EngineSpec, resolution: int) -> Backe
         return OnnxRuntimeBackend(
             model, resolution, spec.cache_dir, threads=spec.threads, providers=providers, precision=precision
         )
+    if spec.backend == "openvino":
+        from engines.backends.openvino_backend import OpenVinoBackend
+
+        precision = resolve_precision(model, spec, resolution)
+        log.info("engine: OpenVINO, %s, %dpx", precision, resolution)
+        return OpenVinoBackend(model, resolution, spec.cache_dir, threads=spec.threads, precision=precision)
     from engines.backends.torch_backend import TorchBackend
 
     # One graph per batch size the worker can form, so none is evicted and captured again mid-stream.
     return TorchBackend(model, device=spec.device, cuda_graph=spec.cuda_graph, max_graphs=spec.max_batch)
 
 
-def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> Literal["fp32", "int8"]:
+def resolve_precision(model: EditorModel, spec: EngineSpec, resolution: int) -> Literal["fp32", "bf16", "int8"]:
     """What `spec.precision` means for this model: 'auto' is int8 on ONNX Runtime's CPU provider with ranges made
     for these weights at this size, on a CPU that computes them exactly (where int8 was measured), else fp32;
     'int8' without usable ranges, or on a CPU that would saturate them, is an error."""
-    if spec.precision == "fp32" or spec.backend != "onnxruntime":
+    if spec.precision in ("fp32", "bf16") or spec.backend not in ("onnxruntime", "openvino"):
+        return spec.precision if spec.precision == "bf16" else "fp32"
+    if spec.backend == "openvino" and spec.precision == "auto":
+        log.info("precision auto: fp32 on OpenVINO (its bf16 and int8 quality are not yet gated)")
         return "fp32"
     from engines.quantize import QuantizationUnavailable, require_exact_int8, usable_record
 

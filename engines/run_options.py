@@ -11,7 +11,9 @@ def require_cuda_graph_on_torch_cuda(backend: str, device: str, cuda_graph: bool
         )
 
 
-def require_int8_on_onnxruntime(backend: str, precision: str) -> None:
-    """int8 graphs are ONNX (QDQ) graphs that ONNX Runtime runs; no other backend takes them."""
-    if precision == "int8" and backend != "onnxruntime":
-        raise ValueError(f"precision int8 needs the onnxruntime backend (got backend {backend})")
+def require_precision_on_backend(backend: str, precision: str) -> None:
+    """int8 graphs are ONNX (QDQ) graphs that ONNX Runtime and OpenVINO run; bf16 is OpenVINO's inference hint."""
+    if precision == "int8" and backend not in ("onnxruntime", "openvino"):
+        raise ValueError(f"precision int8 needs the onnxruntime or openvino backend (got backend {backend})")
+    if precision == "bf16" and backend != "openvino":
+        raise ValueError(f"precision bf16 needs the openvino backend (got backend {backend})")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import DEFAULT_MODEL_DIR, MAX_SAMPLER_STEPS, EditorConfig
 from engines.params import EditParams
-from engines.run_options import require_cuda_graph_on_torch_cuda, require_int8_on_onnxruntime
+from engines.run_options import require_cuda_graph_on_torch_cuda, require_precision_on_backend
 
 #: the prompt encoder's share of one thread. A storm of new prompts keeps it busy back to back, so this is the
 #: most a storm takes from the frames: 0.1 cost a victim session ~10 % of its frames on a 2-CPU AVX2 machine
@@ -19,8 +19,8 @@ from engines.run_options import require_cuda_graph_on_torch_cuda, require_int8_o
 #: encoding, ~30 ms there), only prompts queued behind others wait for the rest (up to 19x an encoding).
 PROMPT_CPU_SHARE = 0.05
 
-BackendName = Literal["torch", "onnxruntime", "tensorrt"]
-PrecisionName = Literal["auto", "fp32", "int8"]
+BackendName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
+PrecisionName = Literal["auto", "fp32", "bf16", "int8"]
 PRESETS_NAME = "presets.json"
 #: prepared prompts an engine keeps (the LRU of engines.prompts, across every stream)
 DEFAULT_PROMPT_CACHE_SIZE = 256
@@ -33,7 +33,7 @@ class EngineSpec(BaseModel):
 
     weights: Path | None = Field(None, description="Model folder; None = the shipped default.")
     taesd: Path | None = Field(None, description="A TAESD folder to use instead of the model's own autoencoder.")
-    backend: BackendName = Field("onnxruntime", description="torch, onnxruntime or tensorrt.")
+    backend: BackendName = Field("onnxruntime", description="torch, onnxruntime, openvino or tensorrt.")
     device: str = Field("cpu", description="'cpu' or 'cuda[:N]'.")
     resolution: int | None = Field(None, ge=64, le=2048, description="Override the model's resolution.")
     steps: int | None = Field(
@@ -55,9 +55,10 @@ class EngineSpec(BaseModel):
     cuda_graph: bool = Field(False, description="Torch on CUDA: replay a captured CUDA graph per batch size.")
     precision: PrecisionName = Field(
         "auto",
-        description="'int8': ONNX Runtime runs int8 graphs built from the model's calibrated ranges (int8/); "
-        "'fp32': float graphs; 'auto': int8 where it was measured (ONNX Runtime on the CPU, ranges made for these "
-        "weights at this size), else fp32.",
+        description="'int8': ONNX Runtime or OpenVINO runs int8 graphs built from the model's calibrated ranges "
+        "(int8/); 'bf16': OpenVINO computes in bf16 (a CPU with AMX or AVX-512 bf16 only); 'fp32': float graphs; "
+        "'auto': int8 where it was measured (ONNX Runtime on the CPU, ranges made for these weights at this "
+        "size), else fp32.",
     )
     prompt_cache_size: int = Field(
         DEFAULT_PROMPT_CACHE_SIZE,
@@ -84,7 +85,7 @@ class EngineSpec(BaseModel):
     @model_validator(mode="after")
     def _options_fit(self) -> EngineSpec:
         require_cuda_graph_on_torch_cuda(self.backend, self.device, self.cuda_graph)
-        require_int8_on_onnxruntime(self.backend, self.precision)
+        require_precision_on_backend(self.backend, self.precision)
         if self.steps is not None:  # reads editor.json, so a one-step student is refused before anything starts
             self.configure(EditorConfig.load(self.model_folder()))
         return self

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engines.client import DEFAULT_MAX_BATCH, MAX_SAMPLER_STEPS, EngineMode, EngineSpec, PrecisionName
+from engines.client import DEFAULT_MAX_BATCH, MAX_SAMPLER_STEPS, BackendName, EngineMode, EngineSpec, PrecisionName
 from server.jitter import RECEIVE_RULE_MEANINGS, ReceiveRule
 
 CLIENT_WEB_DIR = Path(__file__).resolve().parent.parent / "client_web"
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         description="Processes that run WebRTC media and the HTTP API, all feeding the one engine process "
         "(default: half the cores, 1 to 8).",
     )
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = Field("onnxruntime", description="Engine backend.")
+    backend: BackendName = Field(EngineSpec.model_fields["backend"].default, description="Engine backend.")
     precision: PrecisionName = Field(
         EngineSpec.model_fields["precision"].default, description=EngineSpec.model_fields["precision"].description
     )

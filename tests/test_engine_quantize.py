@@ -160,7 +160,7 @@ def test_auto_precision_takes_int8_only_where_it_was_measured(model: EditorModel
     assert resolve_precision(model, EngineSpec(weights=folder, precision="fp32"), TINY_IMAGE) == "fp32"
     assert resolve_precision(model, EngineSpec(weights=folder, backend="torch"), TINY_IMAGE) == "fp32"
     assert resolve_precision(model, EngineSpec(weights=folder), 2 * TINY_IMAGE) == "fp32"  # not its size
-    with pytest.raises(ValueError, match="int8 needs the onnxruntime backend"):
+    with pytest.raises(ValueError, match="int8 needs the onnxruntime or openvino backend"):
         EngineSpec(backend="torch", precision="int8")
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
-from engines.backends.base import Backend, BackendUnavailable
-from engines.export import FRAMES_INPUT, export_onnx
+from engines.backends.base import BackendUnavailable, ExportedGraphBackend, float_feed
+from engines.export import export_onnx
 from engines.model import EditorModel
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(ExportedGraphBackend):
     """Runs encoder.onnx, unet.onnx and decoder.onnx (fp32, or int8 from the model's ranges); builds them if needed."""
 
     name = "onnxruntime"
@@ -59,24 +58,4 @@ class OnnxRuntimeBackend(Backend):
         self.graphs = graphs
 
     def _run(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
-        taken = self._inputs[name]
-        feed = {k: np.ascontiguousarray(v.detach().to("cpu", torch.float32).numpy()) for k, v in inputs.items()}
-        feed = {k: v for k, v in feed.items() if k in taken}
-        return torch.from_numpy(self._sessions[name].run(None, feed)[0])
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run("encoder", images=images)
-
-    def denoise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor
-    ) -> torch.Tensor:
-        return self._run(
-            "unet", sample=sample, timestep=timestep.float(), encoder_hidden_states=context, guidance=guidance
-        )
-
-    def decode(self, latents: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
-        if frames is None:
-            if FRAMES_INPUT in self._inputs["decoder"]:
-                raise ValueError("this model's decoder reads the input frame (it has a frame skip): pass the frames")
-            return self._run("decoder", latents=latents)
-        return self._run("decoder", latents=latents, **{FRAMES_INPUT: frames})
+        return torch.from_numpy(self._sessions[name].run(None, float_feed(inputs, self._inputs[name]))[0])
