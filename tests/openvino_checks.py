@@ -19,16 +19,15 @@ import torch
 
 from engines.backends.base import BackendUnavailable
 from engines.backends.torch_backend import TorchBackend
-from engines.editor import Editor, EditRequest
+from engines.editor import EditRequest
 from engines.export import GRAPH_NAMES
 from engines.loader import EngineSpec, load_editor
 from engines.model import INT8_FOLDER, EditorModel
 from engines.quantize import calibrate, this_cpu_saturates_int8
 from engines.temporal import StreamState
-from engines.text import CachedPromptEncoder
 from tests.test_engine_loading import TINY_IMAGE, make_tiny_student_folder, random_frames
 from tests.test_engine_onnx import _inputs, _run
-from tests.test_engine_quantize import EDITS, psnr
+from tests.test_engine_quantize import EDITS, edit_frames, psnr
 
 ov = pytest.importorskip("openvino")
 from engines.backends.openvino_backend import (  # noqa: E402 - only where openvino is installed
@@ -64,13 +63,6 @@ def model(folder: Path, cache_dir: Path) -> EditorModel:
 @pytest.fixture(scope="module")
 def fp32(model: EditorModel, cache_dir: Path) -> OpenVinoBackend:
     return OpenVinoBackend(model, TINY_IMAGE, cache_dir, threads=1)
-
-
-def edit_frames(backend: object, model: EditorModel, frames: list[np.ndarray]) -> list[np.ndarray]:
-    editor = Editor(backend, model.config, model.schedule, CachedPromptEncoder(model.prompt_encoder))  # type: ignore[arg-type]
-    params = EDITS[0]
-    context = editor.encode_prompt(params.prompt)
-    return [r.frame for r in editor.edit([EditRequest(f, context, params, StreamState(0)) for f in frames])]
 
 
 @pytest.mark.parametrize("name", GRAPH_NAMES)
